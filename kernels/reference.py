@@ -1,0 +1,178 @@
+"""Plain-PyTorch reference of every SparseVLM op: ground truth for the kernels and the CPU backend.
+
+Notation: B batch rows, L sequence slots (left padded), d hidden size, H query heads, H_kv key
+heads, D head dim, R rater slots (padded), NV / NT visual / text slots (padded), N candidates.
+All maths runs in fp32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def select_raters(visual: torch.Tensor, text: torch.Tensor, visual_valid: torch.Tensor,
+                  text_valid: torch.Tensor) -> torch.Tensor:
+    """Raters among the instruction tokens (SPARSEVLM.md section 1).
+
+    visual: [B, NV, d], text: [B, NT, d] hidden states; visual_valid: [B, NV], text_valid:
+    [B, NT] bool. M = softmax(V T^T) over the text axis (no 1/sqrt(d)), s = mean of M over the
+    visual axis, raters = text tokens with s > mean(s). A row whose set comes out empty takes
+    every valid text token. Returns [B, NT] bool.
+    """
+    v = visual.float()
+    t = text.float()
+    logits = torch.einsum("bvd,btd->bvt", v, t)
+    logits = logits.masked_fill(~text_valid[:, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    probs = probs * visual_valid[:, :, None]
+    n_visual = visual_valid.sum(-1, keepdim=True).clamp(min=1)
+    score = probs.sum(1) / n_visual
+    n_text = text_valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = (score * text_valid).sum(-1, keepdim=True) / n_text
+    raters = (score > mean) & text_valid
+    empty = ~raters.any(-1, keepdim=True)
+    return torch.where(empty, text_valid, raters)
+
+
+def rope_gravity(delta: torch.Tensor, inv_freq: torch.Tensor, head_dim: int, eps: float = 1e-6) -> torch.Tensor:
+    """g(delta) = sum_p 2 cos(delta * theta_p) / sqrt(head_dim), with |g| kept >= eps.
+
+    delta: any shape of relative distances (query position - key position); inv_freq: [D/2].
+    The logit that all-ones query and key vectors get at that distance after RoPE.
+    """
+    angles = delta.float()[..., None] * inv_freq.float()
+    g = 2.0 * torch.cos(angles).sum(-1) / math.sqrt(head_dim)
+    sign = torch.where(g < 0, -1.0, 1.0)
+    return sign * g.abs().clamp(min=eps)
+
+
+def rater_attention(q: torch.Tensor, k: torch.Tensor, key_visible: torch.Tensor, visual_keys: torch.Tensor,
+                    scaling: float, gravity: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention probabilities of the rater rows on the visual keys.
+
+    q: [B, H, R, D] post-RoPE rater queries; k: [B, H_kv, L, D] post-RoPE keys (query head h
+    reads key head h // (H / H_kv)); key_visible: [B, R, L] bool (causal and not padding);
+    visual_keys: [B, L] bool. Each row is normalised over every visible key (the full row),
+    then kept only on visual keys. gravity: optional [B, R, L] divisor (RoPE gravity).
+    Returns a: [B, H, R, L] fp32, zero outside visible visual keys. Memory O(B H R L).
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"query heads {heads} are not a multiple of key heads {kv_heads}")
+    k = k.float().repeat_interleave(heads // kv_heads, dim=1)
+    logits = torch.einsum("bhrd,bhld->bhrl", q.float(), k) * scaling
+    visible = key_visible[:, None]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.exp(logits - lse).nan_to_num(0.0)
+    if gravity is not None:
+        probs = probs / gravity[:, None].float()
+    keep = visible & visual_keys[:, None, None, :]
+    return torch.where(keep, probs, torch.zeros((), dtype=probs.dtype))
+
+
+def head_weights(a: torch.Tensor, rater_valid: torch.Tensor, n_priority: int | None) -> torch.Tensor:
+    """Weights [B, H] that average heads: uniform, or uniform over the n_priority heads with
+    the largest summed rater-to-visual attention (ties to the lower head index).
+
+    a: [B, H, R, L] from rater_attention; rater_valid: [B, R] bool.
+    """
+    batch, heads = a.shape[:2]
+    if n_priority is None or n_priority >= heads:
+        return torch.full((batch, heads), 1.0 / heads, device=a.device)
+    score = (a * rater_valid[:, None, :, None]).sum((2, 3))
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :n_priority]
+    weights = torch.zeros(batch, heads, device=a.device)
+    return weights.scatter(1, order, 1.0 / n_priority)
+
+
+def relevance(a: torch.Tensor, rater_valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rel[b, l] = sum_h weights[b, h] * mean over valid raters of a[b, h, r, l].
+
+    a: [B, H, R, L]; rater_valid: [B, R] bool; weights: [B, H]. Returns [B, L] fp32.
+    """
+    n_raters = rater_valid.sum(-1).clamp(min=1).float()
+    per_head = (a * rater_valid[:, None, :, None]).sum(2) / n_raters[:, None, None]
+    return torch.einsum("bhl,bh->bl", per_head, weights)
+
+
+def rater_gram(a: torch.Tensor, rater_valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Gram matrix P P^T [B, R, R] of the head-averaged rater rows P[b, r, l] (visual keys only);
+    padded rater rows are zero."""
+    rows = torch.einsum("bhrl,bh->brl", a, weights) * rater_valid[:, :, None]
+    return rows @ rows.transpose(1, 2)
+
+
+def numerical_rank(gram: torch.Tensor, n_rows: torch.Tensor, n_cols: torch.Tensor) -> torch.Tensor:
+    """fp32 numerical rank of P [B, R, NV] from its Gram matrix [B, R, R].
+
+    Singular values of P are sqrt(eigenvalues of P P^T); the tolerance is the one
+    torch.linalg.matrix_rank uses on P: sigma_max * max(rows, cols) * eps(fp32).
+    n_rows, n_cols: [B] true sizes of P. Returns [B] int64.
+    """
+    eig = torch.linalg.eigvalsh(gram.double()).clamp(min=0.0)
+    sigma = eig.sqrt()
+    sigma_max = sigma.max(-1, keepdim=True).values
+    tol = sigma_max * torch.maximum(n_rows, n_cols)[:, None].double() * torch.finfo(torch.float32).eps
+    return ((sigma > tol) & (sigma_max > 0)).sum(-1)
+
+
+def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k[b] highest-scoring candidates of each row, ties to the lower slot.
+
+    scores: [B, L]; candidates: [B, L] bool; k: [B] int. Returns [B, L] bool.
+    """
+    masked = scores.float().masked_fill(~candidates, float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < k[:, None]) & candidates
+
+
+def dpc_knn(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering with k nearest neighbours of one sample's candidates.
+
+    x: [N, d]. dist = ||x_i - x_j|| / sqrt(d); rho_i = exp(-mean squared distance to its
+    n_clusters nearest, itself included); delta_i = distance to the nearest point of higher
+    density (density ties: the lower index counts as higher), or the largest distance if none;
+    centres = the n_clusters points with the largest rho * delta (ties to the lower index);
+    every point joins its nearest centre (ties to the earlier centre), a centre joins itself.
+    Returns (centres [C] ascending indices into x, assign [N] in [0, C)).
+    """
+    n, d = x.shape
+    xf = x.float()
+    dist = torch.cdist(xf[None], xf[None])[0] / math.sqrt(d)
+    dist.fill_diagonal_(0.0)
+    nearest = torch.topk(dist, k=n_clusters, dim=-1, largest=False).values
+    density = torch.exp(-(nearest ** 2).mean(-1))
+    idx = torch.arange(n, device=x.device)
+    higher = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
+    delta = torch.where(higher, dist, dist.max()).min(-1).values
+    score = density * delta
+    centres = torch.sort(score, descending=True, stable=True).indices[:n_clusters].sort().values
+    assign = dist[:, centres].argmin(-1)
+    assign[centres] = torch.arange(n_clusters, device=x.device)
+    return centres, assign
+
+
+def merge_clusters(x: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """Mean of each cluster's members. x: [N, d]; assign: [N]. Returns [C, d] in x.dtype."""
+    sums = torch.zeros(n_clusters, x.shape[1], dtype=torch.float32, device=x.device)
+    sums.index_add_(0, assign, x.float())
+    counts = torch.bincount(assign, minlength=n_clusters).clamp(min=1)
+    return (sums / counts[:, None]).to(x.dtype)
+
+
+def compaction_order(alive: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Gather map of the compacted, left-padded layout.
+
+    alive: [B, P] bool slots of a pool (tokens kept plus recycled tokens); position: [B, P]
+    their sequence positions (distinct among alive slots of a row). Returns [B, L'] indices
+    into the pool, L' = max alive count: each row holds its alive slots in position order,
+    right-aligned, preceded by dead slots (padding).
+    """
+    key = torch.where(alive, position, torch.full_like(position, -1))
+    order = torch.sort(key, dim=-1, stable=True).indices
+    width = int(alive.sum(-1).max().item()) if alive.numel() else 0
+    return order[:, order.shape[1] - width:]

@@ -1,0 +1,20 @@
+"""SparseVLM visual-token pruning inside Hugging Face vision-language decoders.
+
+    import sparsevlm_engine as sve
+    sve.sparsify(model, sve.SparseVLMConfig.v1_5(budget=128))
+    out = model.generate(**inputs, max_new_tokens=64)
+    trace = sve.last_trace(model)
+    sve.unsparsify(model)
+"""
+from .config import SparseVLMConfig
+from .engine import UnsupportedModeError, is_sparsified, last_trace, sparsify, unsparsify
+from .families import FAMILIES, UnsupportedModelError
+from .trace import FlopsReport, PruningRecord, RecycledToken, SampleTrace, Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseVLMConfig", "sparsify", "unsparsify", "last_trace", "is_sparsified", "FAMILIES",
+    "UnsupportedModeError", "UnsupportedModelError", "Trace", "SampleTrace", "PruningRecord",
+    "RecycledToken", "FlopsReport",
+]

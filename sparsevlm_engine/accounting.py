@@ -1,0 +1,68 @@
+"""Decoder FLOPs of a prefill, dense and sparse (SPARSEVLM.md section 6)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """hidden d, MLP width m, query heads H, key/value heads H_kv, head dim, depth."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    depth: int
+
+    @classmethod
+    def from_text_config(cls, cfg) -> "DecoderDims":
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(cfg.hidden_size, cfg.intermediate_size, heads,
+                   getattr(cfg, "num_key_value_heads", None) or heads, head_dim, cfg.num_hidden_layers)
+
+
+def layer_macs_paper(n: int, dims: DecoderDims) -> float:
+    """The authors' per-layer count: 4nd^2 + 2n^2d + 3ndm (multiply-accumulates)."""
+    d, m = dims.hidden, dims.intermediate
+    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+
+def layer_flops_exact(n: int, dims: DecoderDims) -> float:
+    """FLOPs of one decoder layer on n tokens of one sequence (causal prefill).
+
+    Projections q, k, v, o with grouped-query attention, causal scores and weighted values
+    (query i sees i + 1 keys, so n(n + 1) / 2 dot products of each kind per head) and the gated
+    MLP (three d x m matrices). Norms, softmax and element-wise work are left out.
+    """
+    d, m, hd = dims.hidden, dims.intermediate, dims.head_dim
+    projections = n * d * hd * (2 * dims.heads + 2 * dims.kv_heads)
+    attention = dims.heads * hd * n * (n + 1)
+    mlp = 3 * n * d * m
+    return 2.0 * (projections + attention + mlp)
+
+
+def decoder_flops(tokens_per_layer: list[int], dims: DecoderDims) -> tuple[float, float]:
+    """(paper MACs, exact FLOPs) summed over the layers, tokens_per_layer[l] entering layer l."""
+    paper = sum(layer_macs_paper(n, dims) for n in tokens_per_layer)
+    exact = sum(layer_flops_exact(n, dims) for n in tokens_per_layer)
+    return paper, exact
+
+
+def rater_selection_flops(n_visual: int, n_text: int, hidden: int) -> float:
+    """V T^T, softmax and means of rater selection."""
+    return 2.0 * n_visual * n_text * hidden + 5.0 * n_visual * n_text
+
+
+def scoring_flops(n_raters: int, n_keys: int, n_visual: int, dims: DecoderDims, gram: bool) -> float:
+    """Rater queries, their logits over every visible key, and the optional rank Gram matrix."""
+    queries = 2.0 * n_raters * dims.hidden * dims.heads * dims.head_dim
+    logits = 2.0 * dims.heads * n_raters * n_keys * dims.head_dim + 5.0 * dims.heads * n_raters * n_keys
+    grams = 2.0 * n_raters * n_raters * n_visual if gram else 0.0
+    return queries + logits + grams
+
+
+def clustering_flops(n_candidates: int, hidden: int) -> float:
+    """Pairwise distances of the recycling candidates and the merge."""
+    return 3.0 * n_candidates * n_candidates * hidden + n_candidates * hidden
