@@ -16,6 +16,11 @@ class DecoderDims:
     depth: int
 
     @classmethod
+    def llava_1_5_7b(cls) -> "DecoderDims":
+        """Vicuna-7B, the decoder of LLaVA-1.5-7B."""
+        return cls(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, depth=32)
+
+    @classmethod
     def from_text_config(cls, cfg) -> "DecoderDims":
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -48,6 +53,17 @@ def decoder_flops(tokens_per_layer: list[int], dims: DecoderDims) -> tuple[float
     paper = sum(layer_macs_paper(n, dims) for n in tokens_per_layer)
     exact = sum(layer_flops_exact(n, dims) for n in tokens_per_layer)
     return paper, exact
+
+
+def prefill_flops(length: int, visual_entering, dims: DecoderDims, pruning: float):
+    """FlopsReport of one sample: `length` real tokens of which visual_entering[l] visual ones
+    enter layer l (dense: all visual tokens enter every layer)."""
+    from .trace import FlopsReport
+
+    text = length - visual_entering[0]
+    dense_paper, dense_exact = decoder_flops([length] * len(visual_entering), dims)
+    sparse_paper, sparse_exact = decoder_flops([text + v for v in visual_entering], dims)
+    return FlopsReport(dense_paper, sparse_paper, dense_exact, sparse_exact, pruning)
 
 
 def rater_selection_flops(n_visual: int, n_text: int, hidden: int) -> float:

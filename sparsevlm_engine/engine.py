@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .accounting import DecoderDims, decoder_flops, rater_selection_flops
+from .accounting import DecoderDims, prefill_flops, rater_selection_flops
 from .config import SparseVLMConfig
 from .families import Family, UnsupportedModelError, family_of, rotary_functions
 from .masks import decode_mask, prefill_mask
 from .pruning import Layout, Pruner, ScoringInputs, gather_rows, initial_layout
 from .schedule import default_pruning_layers
-from .trace import FlopsReport, SampleTrace, Trace
+from .trace import SampleTrace, Trace
 
 _ENGINE_ATTR = "_sparsevlm_engine"
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
@@ -295,14 +295,11 @@ class SparseEngine:
                 entering.append(current)
                 if layer in records:
                     current = records[layer].visual_after
-            text = length - n_visual
-            dense_paper, dense_exact = decoder_flops([length] * self.depth, self.dims)
-            sparse_paper, sparse_exact = decoder_flops([text + v for v in entering], self.dims)
             final_positions = tuple(p for p, ok in zip(final.pos[b].tolist(), final.valid[b].tolist()) if ok)
             samples.append(SampleTrace(
                 length=length, visual_positions=visual_positions, rater_positions=state.rater_positions[b],
                 pruning=tuple(state.records[b]), visual_entering=tuple(entering), final_positions=final_positions,
-                flops=FlopsReport(dense_paper, sparse_paper, dense_exact, sparse_exact, state.pruning_flops[b])))
+                flops=prefill_flops(length, entering, self.dims, state.pruning_flops[b])))
         return Trace(samples=samples, pruning_layers=self.pruning_layers, depth=self.depth)
 
     def dense_trace(self, valid: torch.Tensor, visual: torch.Tensor) -> Trace:
@@ -312,11 +309,10 @@ class SparseEngine:
             length = int(valid[b].sum())
             pos = (valid[b].long().cumsum(0) - 1).tolist()
             visual_positions = tuple(p for p, v, ok in zip(pos, visual[b].tolist(), valid[b].tolist()) if v and ok)
-            paper, exact = decoder_flops([length] * self.depth, self.dims)
             samples.append(SampleTrace(
                 length=length, visual_positions=visual_positions, rater_positions=(), pruning=(),
                 visual_entering=(len(visual_positions),) * self.depth, final_positions=tuple(range(length)),
-                flops=FlopsReport(paper, paper, exact, exact, 0.0)))
+                flops=prefill_flops(length, (len(visual_positions),) * self.depth, self.dims, 0.0)))
         return Trace(samples=samples, pruning_layers=self.pruning_layers, depth=self.depth)
 
 

@@ -1,0 +1,98 @@
+"""The reference ops on small hand-checked inputs."""
+import math
+
+import pytest
+import torch
+
+from sparsevlm_engine.kernels import reference as ref
+from transcription import dpc_knn as dpc_knn_loops
+
+
+def test_select_raters_thresholds_at_the_mean():
+    visual = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    text = torch.tensor([[[3.0, 0.0], [0.0, 0.0], [2.0, 0.0], [9.0, 9.0]]])
+    text_valid = torch.tensor([[True, True, True, False]])
+    raters = ref.select_raters(visual, text, torch.tensor([[True, True]]), text_valid)
+    # softmax over (3, 0, 2) = (0.705, 0.035, 0.259); mean 1/3 -> only the first
+    assert raters.tolist() == [[True, False, False, False]]
+
+
+def test_select_raters_falls_back_to_all_text_when_scores_tie():
+    visual = torch.randn(1, 3, 4)
+    text = torch.zeros(1, 2, 4)
+    raters = ref.select_raters(visual, text, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool))
+    assert raters.tolist() == [[True, True]]
+
+
+def test_rope_gravity_at_zero_distance_is_sqrt_head_dim():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    g = ref.rope_gravity(torch.tensor([0, 3]), inv_freq, 8)
+    assert g[0].item() == pytest.approx(math.sqrt(8), rel=1e-6)
+    expected = sum(2 * math.cos(3 * t) for t in inv_freq.tolist()) / math.sqrt(8)
+    assert g[1].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_rater_attention_normalises_over_the_full_row():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 2, 6, 8)
+    visible = torch.ones(1, 2, 6, dtype=torch.bool)
+    visible[0, 0, 5] = False
+    visual = torch.tensor([[False, True, True, True, False, False]])
+    a = ref.rater_attention(q, k, visible, visual, 0.5)
+    full = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.5 + torch.where(visible[:, None], 0.0, -1e9), -1)
+    torch.testing.assert_close(a[..., 1:4], full[..., 1:4])
+    assert (a[..., [0, 4, 5]] == 0).all()
+    assert (a.sum(-1) < 1).all()
+
+
+def test_priority_heads_pick_the_heads_with_most_visual_attention():
+    a = torch.zeros(1, 4, 1, 3)
+    a[0, 2] = 0.9
+    a[0, 0] = 0.5
+    a[0, 1] = 0.5
+    weights = ref.head_weights(a, torch.tensor([[True]]), 2)
+    assert weights.tolist() == [[0.5, 0.0, 0.5, 0.0]]  # head 2, then the tie 0/1 goes to head 0
+    assert ref.head_weights(a, torch.tensor([[True]]), None).tolist() == [[0.25] * 4]
+
+
+def test_topk_ties_go_to_the_lower_slot():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]])
+    cand = torch.tensor([[True, True, True, True, False]])
+    assert ref.topk_mask(scores, cand, torch.tensor([2])).tolist() == [[False, True, True, False, False]]
+    assert ref.topk_mask(scores, cand, torch.tensor([1])).tolist() == [[False, True, False, False, False]]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_numerical_rank_matches_matrix_rank(rows):
+    torch.manual_seed(rows)
+    base = torch.rand(2, 20)
+    P = torch.cat([base, base[:1].repeat(rows, 1) * 2], 0)[:rows] if rows > 2 else torch.rand(rows, 20)
+    gram = (P @ P.T)[None]
+    got = ref.numerical_rank(gram, torch.tensor([rows]), torch.tensor([20]))
+    assert got.item() == torch.linalg.matrix_rank(P).item()
+
+
+@pytest.mark.parametrize("n,c", [(7, 1), (23, 3), (40, 4)])
+def test_dpc_knn_matches_the_loop_transcription(n, c):
+    x = torch.randn(n, 16, generator=torch.Generator().manual_seed(n))
+    centres, assign = ref.dpc_knn(x, c)
+    want_centres, want_assign = dpc_knn_loops(x, c)
+    assert centres.tolist() == want_centres
+    assert assign.tolist() == want_assign
+    assert all(assign[centres[k]].item() == k for k in range(c))
+
+
+def test_merge_is_the_member_mean():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0]])
+    merged = ref.merge_clusters(x, torch.tensor([0, 0, 1]), 2)
+    assert merged.tolist() == [[2.0, 3.0], [10.0, 0.0]]
+
+
+def test_compaction_is_left_padded_in_position_order():
+    alive = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    pos = torch.tensor([[5, 1, 2, 9], [0, 4, 0, 0]])
+    order = ref.compaction_order(alive, pos)
+    assert order.shape == (2, 3)
+    assert pos.gather(1, order)[0].tolist() == [2, 5, 9]
+    assert alive.gather(1, order)[1].tolist() == [False, False, True]
+    assert order[1, -1].item() == 1

@@ -1,0 +1,66 @@
+"""At every pruning layer the engine keeps what a literal transcription of SPARSEVLM.md keeps."""
+import pytest
+import torch
+
+import sparsevlm_engine as sve
+from tiny import llava_prompts, tiny_llava
+from transcription import transcribe
+
+CONFIGS = {
+    "schedule-v1.5": sve.SparseVLMConfig.v1_5(128, recycling=False),
+    "schedule-v1.5-recycling": sve.SparseVLMConfig.v1_5(192),
+    "schedule-derived-96": sve.SparseVLMConfig.v1_5(96),
+    "rank-v1": sve.SparseVLMConfig.v1_rank(64),
+    "v2-priority-gravity": sve.SparseVLMConfig.v2(128),
+    "v2-recycling": sve.SparseVLMConfig.v2(64, recycling=True),
+}
+
+
+def _engine_records(model, inputs, config):
+    sve.sparsify(model, config)
+    with torch.no_grad():
+        model(**inputs)
+    trace = sve.last_trace(model)
+    sve.unsparsify(model)
+    return trace
+
+
+def _compare(trace, expected):
+    sample = trace.samples[0]
+    assert len(sample.pruning) == len(expected)
+    assert list(sample.rater_positions) == expected[0]["raters"]
+    for record, want in zip(sample.pruning, expected):
+        assert record.layer == want["layer"]
+        assert record.kept == want["kept"]
+        got = sorted((t.centre, t.members) for t in record.recycled)
+        assert got == want["recycled"]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_kept_positions_match_transcription(name):
+    config = CONFIGS[name]
+    model = tiny_llava("eager", seed=3)
+    inputs = llava_prompts(before=(4,), after=(9,), seed=5)
+    trace = _engine_records(model, inputs, config)
+    assert any(r.recycled for r in trace.samples[0].pruning) == config.recycling
+    _compare(trace, transcribe(model, inputs, config, trace.pruning_layers))
+
+
+def test_two_images_match_transcription():
+    model = tiny_llava("eager", seed=4)
+    inputs = llava_prompts(before=(2,), after=(6,), seed=6, images_per_prompt=2)
+    config = sve.SparseVLMConfig.v1_5(128)
+    trace = _engine_records(model, inputs, config)
+    assert trace.samples[0].n_visual == 128
+    _compare(trace, transcribe(model, inputs, config, trace.pruning_layers))
+
+
+def test_image_at_end_uses_last_token_as_rater():
+    model = tiny_llava("eager", seed=5)
+    inputs = llava_prompts(before=(4,), after=(0,), seed=7)
+    config = sve.SparseVLMConfig.v1_5(128)
+    trace = _engine_records(model, inputs, config)
+    sample = trace.samples[0]
+    assert sample.rater_positions == (sample.length - 1,)
+    assert all(sample.length - 1 in r.kept for r in sample.pruning)
+    _compare(trace, transcribe(model, inputs, config, trace.pruning_layers))

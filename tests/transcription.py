@@ -1,0 +1,157 @@
+"""SPARSEVLM.md transcribed as directly as possible: one sample, no padding, Python lists, the full
+eager attention matrix at every pruning layer. Slow and obvious on purpose; the engine must agree.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from sparsevlm_engine.schedule import schedule_counts
+
+
+def _rotary(attn):
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+
+def _layer0_input(model, inputs):
+    captured = {}
+    layer0 = model.model.language_model.layers[0]
+
+    def grab(module, args, kwargs):
+        captured["h"] = (args[0] if args else kwargs["hidden_states"])[0].float()
+
+    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    return captured["h"]
+
+
+def choose_raters(h0, visual, instruction, last):
+    """Section 1: softmax(V T^T) over text, mean over visual, keep s_t > mean(s)."""
+    if not instruction:
+        return [last]
+    V, T = h0[visual], h0[instruction]
+    M = torch.softmax(V @ T.T, dim=1)
+    s = M.mean(0)
+    raters = [t for t, score in zip(instruction, s.tolist()) if score > s.mean().item()]
+    return raters or list(instruction)
+
+
+def full_attention(layer, h, positions, rotary_emb):
+    """softmax(q k^T / sqrt(d) + causal) of every head: [H, n, n]."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h[None])
+    n, hd = h.shape[0], attn.head_dim
+    cos, sin = rotary_emb(x, torch.tensor([positions]))
+    q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    q, k = _rotary(attn)(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q @ k.transpose(-1, -2))[0].float() / math.sqrt(hd)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def gravity(delta, inv_freq, hd):
+    g = sum(2 * math.cos(delta * th) for th in inv_freq.tolist()) / math.sqrt(hd)
+    return math.copysign(max(abs(g), 1e-6), g) if g != 0 else 1e-6
+
+
+def dpc_knn(x, c):
+    """Section 4.2 with Python loops."""
+    n, d = x.shape
+    dist = [[(x[i] - x[j]).norm().item() / math.sqrt(d) for j in range(n)] for i in range(n)]
+    rho = [math.exp(-sum(v * v for v in sorted(row)[:c]) / c) for row in dist]
+    biggest = max(max(row) for row in dist)
+    delta = []
+    for i in range(n):
+        higher = [dist[i][j] for j in range(n) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
+        delta.append(min(higher) if higher else biggest)
+    score = [r * dl for r, dl in zip(rho, delta)]
+    centres = sorted(sorted(range(n), key=lambda i: (-score[i], i))[:c])
+    assign = []
+    for i in range(n):
+        if i in centres:
+            assign.append(centres.index(i))
+        else:
+            assign.append(min(range(c), key=lambda k: (dist[i][centres[k]], k)))
+    return centres, assign
+
+
+def transcribe(model, inputs, config, pruning_layers):
+    """Kept positions (and recycled centre -> members) after each pruning layer, one sample."""
+    lm = model.model.language_model
+    ids = inputs["input_ids"][0].tolist()
+    image_id = model.config.image_token_id
+    visual0 = [p for p, t in enumerate(ids) if t == image_id]
+    h = _layer0_input(model, inputs)
+    first = visual0[0]
+    instruction = [p for p in range(first + 1, len(ids)) if p not in visual0]
+    raters = choose_raters(h, visual0, instruction, len(ids) - 1)
+    tokens = [{"pos": p, "visual": p in visual0} for p in range(len(ids))]
+    heads = lm.config.num_attention_heads
+    results = []
+    stage = 0
+    with torch.no_grad():
+        for index, layer in enumerate(lm.layers[: pruning_layers[-1] + 1]):
+            positions = [t["pos"] for t in tokens]
+            n = len(tokens)
+            cos, sin = lm.rotary_emb(h[None], torch.tensor([positions]))
+            mask = torch.zeros(1, 1, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+            out = layer(h[None], attention_mask=mask, position_ids=torch.tensor([positions]), position_embeddings=(cos, sin))
+            out = (out[0] if isinstance(out, tuple) else out)[0]
+            if index not in pruning_layers:
+                h = out
+                continue
+            A = full_attention(layer, h, positions, lm.rotary_emb)
+            rows = [i for i, t in enumerate(tokens) if t["pos"] in raters]
+            vis = [i for i, t in enumerate(tokens) if t["visual"]]
+            P = A[:, rows][:, :, vis]
+            if config.rope_gravity:
+                inv = lm.rotary_emb.inv_freq
+                G = torch.tensor([[gravity(positions[r] - positions[v], inv, layer.self_attn.head_dim) for v in vis] for r in rows])
+                P = P / G[None]
+            head_ids = list(range(heads))
+            if config.priority_heads:
+                m = max(1, math.floor(config.priority_head_fraction * heads + 0.5))
+                totals = P.sum((1, 2)).tolist()
+                head_ids = sorted(range(heads), key=lambda hh: (-totals[hh], hh))[:m]
+            P = P[head_ids].mean(0)
+            rel = P.mean(0).tolist()
+            present = len(vis)
+            if config.mode == "schedule":
+                counts = config.keep_counts or schedule_counts(config.budget, config.schedule, len(pruning_layers))
+                keep = max(1, round(counts[stage] * len(visual0) / 576))
+                keep = max(1, min(keep, present - 1))
+            else:
+                scale, bias = config.rank_coefficients
+                rank = int(torch.linalg.matrix_rank(P.float()))
+                keep = present if rank >= present else max(1, min(int(rank * scale + bias), present - 1))
+            forced = [j for j, i in enumerate(vis) if tokens[i]["pos"] in raters]
+            order = sorted(range(present), key=lambda j: (j not in forced, -rel[j], j))
+            kept = sorted(order[:keep])
+            pruned_order = [j for j in order[keep:]]
+            new_tokens = [(t, out[i]) for i, t in enumerate(tokens) if not t["visual"]]
+            new_tokens += [(tokens[vis[j]], out[vis[j]]) for j in kept]
+            recycled = []
+            if config.recycling and pruned_order:
+                n_cand = math.floor(config.recycle_ratio * len(pruned_order)) + 1
+                cand = sorted(pruned_order[:n_cand])
+                c = n_cand // config.cluster_divisor + 1
+                centres, assign = dpc_knn(out[[vis[j] for j in cand]].float(), c)
+                for k, centre in enumerate(centres):
+                    members = [cand[i] for i in range(len(cand)) if assign[i] == k]
+                    merged = torch.stack([out[vis[j]].float() for j in members]).mean(0).to(out.dtype)
+                    centre_pos = tokens[vis[cand[centre]]]["pos"]
+                    new_tokens.append(({"pos": centre_pos, "visual": True}, merged))
+                    recycled.append((centre_pos, tuple(tokens[vis[j]]["pos"] for j in members)))
+            new_tokens.sort(key=lambda pair: pair[0]["pos"])
+            results.append({"layer": index, "kept": tuple(tokens[vis[j]]["pos"] for j in kept),
+                            "recycled": sorted(recycled), "raters": sorted(raters)})
+            tokens = [t for t, _ in new_tokens]
+            h = torch.stack([v for _, v in new_tokens])
+            stage += 1
+    return results
