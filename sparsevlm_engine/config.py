@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .schedule import RANK_COEFFICIENTS, SCHEDULE_TABLES
+from .schedule import RANK_COEFFICIENTS, SCHEDULE_TABLES, derive_schedule
 
 MODES = ("schedule", "rank")
 BACKENDS = ("auto", "torch", "triton")
@@ -80,6 +80,8 @@ class SparseVLMConfig:
                         f"rank mode has published coefficients for budgets {sorted(RANK_COEFFICIENTS)}; "
                         f"got budget {self.budget}: pass rank_scale and rank_bias"
                     )
+        if self.mode == "schedule" and self.keep_counts is None and self.prunes:
+            derive_schedule(self.budget, self.schedule)  # raises for a budget no schedule can reach
         if not 0.0 < self.recycle_ratio <= 1.0:
             raise ValueError(f"recycle_ratio must be in (0, 1], got {self.recycle_ratio}")
         if self.cluster_divisor < 1:

@@ -25,6 +25,7 @@ def test_presets():
     ({"mode": "rank", "budget": 100}, "rank_scale and rank_bias"),
     ({"pruning_layers": (6, 2)}, "ascending"),
     ({"keep_counts": (10, 5), "pruning_layers": (1, 2, 3)}, "keep_counts has 2"),
+    ({"budget": 30}, "below 54.9"),
 ])
 def test_invalid_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -84,3 +84,14 @@ def test_batch_rows_match_single_runs(family, recycling):
         n = len(trace.samples[b].final_positions)
         torch.testing.assert_close(one_logits[0, -n:], logits[b, -n:], atol=ATOL, rtol=1e-5)
         assert torch.equal(one_generated[0, -NEW_TOKENS:], generated[b, -NEW_TOKENS:])
+
+
+def test_two_images_per_prompt_equal_masked_dense():
+    model = tiny_llava("sdpa", seed=2)
+    inputs = llava_prompts(before=(3, 6), after=(5, 2), images_per_prompt=2)
+    logits, trace, generated = _sparse_run(model, inputs, sve.SparseVLMConfig.v2(128))
+    assert all(s.n_visual == 128 for s in trace.samples)
+    dense_logits, dense_generated = masked_dense(model, inputs, trace, "sdpa", NEW_TOKENS)
+    expected = gather_final_logits(dense_logits, trace, inputs["attention_mask"])
+    torch.testing.assert_close(_real_rows(logits, trace), expected, atol=ATOL, rtol=1e-5)
+    assert torch.equal(generated, dense_generated)

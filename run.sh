@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Usage: bash run.sh demo [demo options]   |   bash run.sh test
+# Sets itself up on first use (idempotent): .venv with torch (CPU wheel pinned first, so pip
+# does not pull a CUDA build) and this project; `test` also builds .venv-tf4 with transformers 4.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+TF5_VERSION=5.23.0
+TF4_VERSION=4.57.6
+TRITON_VERSION=3.6.0
+# The tested versions are pinned here; setup.py itself accepts ranges.
+PINS=("torch==$TORCH_VERSION")
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+    PINS+=("triton==$TRITON_VERSION")
+fi
+
+ensure_venv() {  # ensure_venv DIR: a venv at DIR with pinned torch installed
+    local dir=$1
+    if [ ! -x "$dir/bin/python" ]; then
+        "$PYTHON" -m venv "$dir"
+    fi
+    if ! "$dir/bin/python" -c "import torch, sys; sys.exit(not torch.__version__.startswith('$TORCH_VERSION'))" 2>/dev/null; then
+        "$dir/bin/python" -m pip install -q "torch==$TORCH_VERSION"
+    fi
+}
+
+stamp_of() {  # what the install depends on; a change re-runs pip
+    cat setup.py pyproject.toml run.sh | sha256sum | cut -d' ' -f1
+}
+
+setup_main() {
+    ensure_venv .venv
+    if [ "$(cat .venv/.sparsevlm-installed 2>/dev/null)" != "$(stamp_of)" ] || [ ! -x .venv/bin/sparsevlm ]; then
+        .venv/bin/python -m pip install -q -e ".[test,bench]" "transformers==$TF5_VERSION" "${PINS[@]}"
+        stamp_of > .venv/.sparsevlm-installed
+    fi
+}
+
+setup_tf4() {
+    ensure_venv .venv-tf4
+    if [ "$(cat .venv-tf4/.sparsevlm-installed 2>/dev/null)" = "$(stamp_of)" ] &&
+        .venv-tf4/bin/python -c "import transformers, sys; sys.exit(transformers.__version__ != '$TF4_VERSION')" 2>/dev/null; then
+        return
+    fi
+    .venv-tf4/bin/python -m pip install -q "transformers==$TF4_VERSION" numpy pillow \
+        "pytest==9.2.0" "pytest-benchmark==5.3.1" "matplotlib==3.11.2" "${PINS[@]}"
+    .venv-tf4/bin/python -m pip install -q --no-deps -e .
+    stamp_of > .venv-tf4/.sparsevlm-installed
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    demo)
+        setup_main
+        exec .venv/bin/sparsevlm demo "$@"
+        ;;
+    test)
+        setup_main
+        status=0
+        echo "== tests with transformers 5 (.venv)"
+        .venv/bin/python -m pytest -q tests "$@" || status=1
+        setup_tf4
+        echo "== tests with transformers $TF4_VERSION (.venv-tf4)"
+        .venv-tf4/bin/python -m pytest -q tests -m "not tf5_only" "$@" || status=1
+        exit $status
+        ;;
+    *)
+        echo "usage: bash run.sh demo [--budget N] [--preset v1|v1.5|v2] [--out DIR] ... | bash run.sh test" >&2
+        exit 2
+        ;;
+esac

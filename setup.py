@@ -1,0 +1,40 @@
+"""Packaging: `sparsevlm_engine`, with the top-level `kernels/` folder installed as
+`sparsevlm_engine.kernels` (a top-level module named `kernels` belongs to another project)."""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "sparsevlm_engine" / "__init__.py").read_text(), re.M).group(1)
+
+setup(
+    name="sparsevlm-engine",
+    version=VERSION,
+    description="Training-free visual-token pruning (SparseVLM) inside Hugging Face VLM decoders",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["sparsevlm_engine", "sparsevlm_engine.kernels"],
+    package_dir={"sparsevlm_engine": "sparsevlm_engine", "sparsevlm_engine.kernels": "kernels"},
+    package_data={"sparsevlm_engine": ["assets/*.png"]},
+    include_package_data=False,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.57,<5.24",  # tested: 4.57.6 and 5.23.0
+        'triton>=3.6; platform_system == "Linux" and platform_machine == "x86_64"',
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1"],
+        "bench": ["matplotlib==3.11.2", "pytest-benchmark==5.3.1"],
+        "flash": ["flash-attn==2.8.3.post2"],
+    },
+    entry_points={"console_scripts": ["sparsevlm=sparsevlm_engine.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,317 @@
+"""The `sparsevlm` command: an offline demo, and generation with a local checkpoint.
+
+    sparsevlm demo [--budget 128] [--preset v1.5] [--out DIR] [--seed N] [--prompt TEXT] [--repeats N]
+    sparsevlm generate --model PATH --image IMG --prompt TEXT [--budget 128] [--preset v1.5] ...
+
+Bad arguments (missing files, unreadable image, budget <= 0, unknown preset) end with exit
+code 2 and a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PRESETS = ("v1", "v1.5", "v2")
+PNG_NAME = "kept_patches.png"
+MODEL_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsevlm", description="SparseVLM visual-token pruning for Hugging Face VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p):
+        p.add_argument("--budget", type=int, default=128,
+                       help="target visual tokens, for LLaVA-1.5's 576 (default 128)")
+        p.add_argument("--preset", default="v1.5", help="v1 (rank), v1.5 (default) or v2 (SparseVLM+)")
+        p.add_argument("--out", default="sparsevlm_out", help="folder for the PNG (default ./sparsevlm_out)")
+
+    demo = sub.add_parser("demo", help="run a random-weight LLaVA-1.5-shaped model on the bundled image, offline")
+    common(demo)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    demo.add_argument("--prompt", default=None, help="question about the image")
+    demo.add_argument("--repeats", type=int, default=5, help="timed prefills per variant (default 5)")
+    demo.add_argument("--max-new-tokens", type=int, default=8)
+
+    gen = sub.add_parser("generate", help="generate with a local LLaVA / LLaVA-NeXT checkpoint, sparsified")
+    gen.add_argument("--model", required=True, help="local Hugging Face checkpoint folder")
+    gen.add_argument("--image", required=True, help="image file")
+    gen.add_argument("--prompt", required=True, help="question about the image")
+    common(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                     help="auto: float16 on CUDA, float32 on CPU")
+    return parser
+
+
+def make_config(preset: str, budget: int):
+    """The SparseVLMConfig for a preset name and budget; CliError when either is invalid."""
+    if preset not in PRESETS:
+        raise CliError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if budget <= 0:
+        raise CliError(f"budget must be > 0, got {budget}")
+    from .config import SparseVLMConfig
+
+    try:
+        return SparseVLMConfig.preset(preset, budget)
+    except ValueError as e:
+        raise CliError(f"preset {preset} with budget {budget}: {e}") from None
+
+
+def load_image(path: str):
+    """The image at `path` as RGB; CliError when it is missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"image file not found: {path}")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise CliError(f"cannot read image {path}: {e}") from None
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # keep the report readable
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _timed_prefill(model, inputs) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(**inputs, use_cache=True)
+    return time.perf_counter() - t0
+
+
+def sparsify_or_fail(model, config):
+    """sve.sparsify, with a config the model cannot take (e.g. a budget too small) as a CliError."""
+    import sparsevlm_engine as sve
+
+    try:
+        return sve.sparsify(model, config)
+    except (ValueError, NotImplementedError) as e:
+        raise CliError(_first_line(e)) from None
+
+
+def compare_prefill(model, inputs, config, repeats: int) -> tuple[float, float]:
+    """(dense, sparse) median prefill seconds, timed alternately after one warm-up round.
+
+    Leaves the model sparsified.
+    """
+    import sparsevlm_engine as sve
+
+    dense, sparse = [], []
+    for i in range(repeats + 1):
+        d = _timed_prefill(model, inputs)
+        sve.sparsify(model, config)
+        s = _timed_prefill(model, inputs)
+        if i < repeats:
+            sve.unsparsify(model)
+        if i > 0:
+            dense.append(d)
+            sparse.append(s)
+    return statistics.median(dense), statistics.median(sparse)
+
+
+def report(trace, out=None) -> None:
+    """Per-layer visual token counts, equivalent tokens and FLOPs of every sample."""
+    out = out or sys.stdout
+    print(trace.summary(), file=out)
+    for b, s in enumerate(trace.samples):
+        print(f"sample {b}: visual tokens entering each decoder layer: "
+              f"{' '.join(str(n) for n in s.visual_entering)}", file=out)
+        f = s.flops
+        print(f"sample {b}: decoder prefill FLOPs dense {f.dense_exact / 1e9:.3f} G, sparse "
+              f"{f.sparse_exact / 1e9:.3f} G + pruning {f.pruning / 1e9:.4f} G", file=out)
+
+
+def _decode_new(tokenizer, output_ids, prompt_len: int) -> str:
+    return tokenizer.decode(output_ids[0, prompt_len:], skip_special_tokens=True).strip()
+
+
+def run_demo(args) -> int:
+    config = make_config(args.preset, args.budget)
+    if args.repeats < 1:
+        raise CliError(f"--repeats must be >= 1, got {args.repeats}")
+    _check_max_new_tokens(args.max_new_tokens)
+    _quiet_transformers()
+    import torch
+
+    import sparsevlm_engine as sve
+    from .accounting import DecoderDims, prefill_flops
+    from .demo_model import DEFAULT_PROMPT, build_demo_llava, demo_inputs, load_demo_image
+    from .heatmap import draw_kept_patches
+
+    prompt = DEFAULT_PROMPT
+    if args.prompt is not None:
+        prompt = args.prompt if "<image>" in args.prompt else f"USER: <image>\n{args.prompt} ASSISTANT:"
+    model, tokenizer = build_demo_llava(seed=args.seed)
+    sve.unsparsify(sparsify_or_fail(model, config))  # fail early on a config this model cannot take
+    image = load_demo_image()
+    try:
+        inputs = demo_inputs(tokenizer, image, prompt)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    text = model.config.text_config
+    print(f"SparseVLM demo: random-weight LLaVA-1.5-shaped model ({inputs['input_ids'].shape[1]} prompt "
+          f"tokens, 576 visual; {text.num_hidden_layers} decoder layers of width {text.hidden_size})")
+    print("NOTE: the weights are random, so the generated text is meaningless; the token counts, "
+          "FLOPs and timings are real.")
+    print(f"preset {args.preset}, budget {args.budget}")
+
+    dense_s, sparse_s = compare_prefill(model, inputs, config, args.repeats)  # leaves it sparsified
+    n_prompt = inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        sparse_out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        trace = sve.last_trace(model)
+        sve.unsparsify(model)
+        dense_out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+
+    print(f"pruning layers: {', '.join(str(x) for x in trace.pruning_layers)}")
+    report(trace)
+    sample = trace.samples[0]
+    at_7b = prefill_flops(sample.length, sample.visual_entering, DecoderDims.llava_1_5_7b(), 0.0)
+    print(f"the same token counts at LLaVA-1.5-7B decoder sizes: {at_7b.dense_paper / 1e12:.2f} -> "
+          f"{at_7b.sparse_paper / 1e12:.2f} TFLOPs by the paper's formula ({100 * at_7b.reduction_paper:.1f}% fewer)")
+    print(f"CPU prefill time (median of {args.repeats}, after a warm-up, timed alternately): "
+          f"dense {1e3 * dense_s:.1f} ms, sparse {1e3 * sparse_s:.1f} ms, "
+          f"ratio sparse/dense {sparse_s / dense_s:.2f}")
+    print("  (whole forward pass, vision tower included; a tiny model on a CPU, not a GPU figure)")
+    print(f"dense output (meaningless, random weights):  {_decode_new(tokenizer, dense_out, n_prompt)!r}")
+    print(f"sparse output (meaningless, random weights): {_decode_new(tokenizer, sparse_out, n_prompt)!r}")
+    png = draw_kept_patches(image, trace.samples[0], Path(args.out) / PNG_NAME)
+    print(f"kept patches: {png}")
+    return 0
+
+
+def _check_max_new_tokens(n: int) -> None:
+    if n < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {n}")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _check_model_path(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"model path not found: {path}")
+    if not (p / "config.json").is_file():
+        raise CliError(f"no config.json in model path {path} (expected a local Hugging Face checkpoint folder)")
+    return p
+
+
+def _device_and_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda was asked for but no CUDA device is available")
+    if dtype == "auto":
+        dtype = "float16" if device == "cuda" else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+def build_prompt(processor, prompt: str) -> str:
+    """The processor's chat template with one image, else LLaVA-1.5's "USER: <image>\\n... ASSISTANT:".
+
+    A prompt that already contains "<image>" is used as it is.
+    """
+    if "<image>" in prompt:
+        return prompt
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"USER: <image>\n{prompt} ASSISTANT:"
+
+
+def run_generate(args) -> int:
+    config = make_config(args.preset, args.budget)
+    _check_max_new_tokens(args.max_new_tokens)
+    path = _check_model_path(args.model)
+    image = load_image(args.image)
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    _quiet_transformers()
+
+    import torch
+    import transformers
+
+    import sparsevlm_engine as sve
+    from .heatmap import draw_kept_patches
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot read the model config in {path}: {_first_line(e)}") from None
+    if hf_config.model_type not in MODEL_CLASSES:
+        raise CliError(f"unsupported model type {hf_config.model_type!r}; supported: {', '.join(MODEL_CLASSES)}")
+    model_cls = getattr(transformers, MODEL_CLASSES[hf_config.model_type])
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+        model = model_cls.from_pretrained(path, local_files_only=True, **{dtype_kw: dtype})
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot load the checkpoint in {path}: {_first_line(e)}") from None
+    model = model.to(device).eval()
+
+    text = build_prompt(processor, args.prompt)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in inputs.items() if k != "token_type_ids"}  # LLaVA takes none
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    sparsify_or_fail(model, config)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    trace = sve.last_trace(model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    print(_decode_new(tokenizer, out, inputs["input_ids"].shape[1]))
+    print(f"preset {args.preset}, budget {args.budget}; pruning layers: "
+          f"{', '.join(str(x) for x in trace.pruning_layers)}")
+    report(trace)
+
+    vision = hf_config.vision_config
+    grid = vision.image_size // vision.patch_size
+    shown = image
+    if hf_config.model_type == "llava_next":  # its base tile is the whole image resized to a square
+        shown = image.resize((vision.image_size, vision.image_size))
+    png = draw_kept_patches(shown, trace.samples[0], Path(args.out) / PNG_NAME, grid=grid)
+    print(f"kept patches: {png}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the `sparsevlm` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return run_demo(args)
+        return run_generate(args)
+    except CliError as e:
+        print(f"sparsevlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

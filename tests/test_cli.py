@@ -1,0 +1,282 @@
+"""The `sparsevlm` command, the offline demo model and the kept-patch PNG."""
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from sparsevlm_engine import cli
+from sparsevlm_engine.demo_model import (
+    CLIP_MEAN, CLIP_STD, N_VISUAL, build_demo_processor, build_demo_tokenizer, demo_config, demo_inputs,
+    draw_demo_image, load_demo_image, save_demo_checkpoint,
+)
+from sparsevlm_engine.heatmap import DIM, GAP, PANEL, RECYCLED_CENTRE, TITLE_H, draw_kept_patches, grid_for
+from sparsevlm_engine.trace import FlopsReport, PruningRecord, RecycledToken, SampleTrace
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of `sparsevlm argv`, run in this process."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_png(path, min_size):
+    assert path.is_file()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
+        assert im.size[0] <= 8 * PANEL and im.size[1] <= 2 * PANEL
+
+
+# ---------------------------------------------------------------- demo model and inputs
+
+def test_shipped_demo_image_is_the_drawn_one():
+    shipped = load_demo_image()
+    assert shipped.size == (336, 336)
+    drawn = draw_demo_image()
+    differing = sum(a != b for a, b in zip(shipped.tobytes(), drawn.tobytes()))
+    assert differing < 0.01 * len(drawn.tobytes())  # equal up to Pillow's edge rasterisation
+
+
+def test_demo_inputs_expand_the_image_token_and_normalise():
+    tok = build_demo_tokenizer()
+    image = Image.new("RGB", (500, 400), tuple(round(255 * m) for m in CLIP_MEAN))
+    inputs = demo_inputs(tok, image, "USER: <image>\nWhat is the colour of the square? ASSISTANT:")
+    ids = inputs["input_ids"]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert ids.shape == inputs["attention_mask"].shape and ids.shape[0] == 1
+    assert int((ids == image_id).sum()) == N_VISUAL
+    assert ids[0, 0] == tok.bos_token_id and tok.unk_token_id not in ids.tolist()[0]
+    assert inputs["pixel_values"].shape == (1, 3, 336, 336)
+    assert inputs["pixel_values"].abs().max() < 0.01  # the mean colour normalises to ~0
+    with pytest.raises(ValueError, match="exactly one '<image>'"):
+        demo_inputs(tok, image, "no image here")
+
+
+# ---------------------------------------------------------------- demo command
+
+def test_demo_runs_and_writes_png(tmp_path, capsys):
+    code, out, err = run_cli(
+        ["demo", "--repeats", "1", "--max-new-tokens", "2", "--out", str(tmp_path)], capsys
+    )
+    assert code == 0, err
+    assert "random" in out and "meaningless" in out
+    assert re.search(r"visual tokens 576 -> \d+ \(after layer 2\) -> \d+ \(after layer 6\) -> \d+ "
+                     r"\(after layer 15\)", out)
+    assert re.search(r"decoder FLOPs reduction: \d+\.\d% \(paper formula\)", out)
+    assert re.search(r"ratio sparse/dense \d+\.\d\d", out)
+    entering = re.search(r"entering each decoder layer: ([\d ]+)", out).group(1).split()
+    counts = [int(n) for n in entering]
+    assert len(counts) == 32 and counts[:3] == [576] * 3
+    assert all(a >= b for a, b in zip(counts, counts[1:])) and counts[-1] < 576
+    assert_png(tmp_path / cli.PNG_NAME, (4 * PANEL, PANEL))
+
+
+# ---------------------------------------------------------------- clear errors
+
+@pytest.fixture()
+def fake_model_dir(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+@pytest.fixture()
+def image_file(tmp_path):
+    path = tmp_path / "img.png"
+    draw_demo_image(64).save(path)
+    return path
+
+
+def _generate(model, image, *extra):
+    return ["generate", "--model", str(model), "--image", str(image), "--prompt", "what?", *extra]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing-model", "model path not found"),
+    ("model-without-config", "no config.json"),
+    ("missing-image", "image file not found"),
+    ("unreadable-image", "cannot read image"),
+    ("budget-zero", "budget must be > 0"),
+    ("budget-negative", "budget must be > 0"),
+    ("unknown-preset", "unknown preset 'v9'"),
+    ("demo-budget-zero", "budget must be > 0"),
+    ("demo-unknown-preset", "unknown preset 'v3'"),
+    ("budget-not-int", "invalid int value"),
+    ("zero-new-tokens", "--max-new-tokens must be >= 1"),
+    ("zero-repeats", "--repeats must be >= 1"),
+    ("demo-budget-too-small", "budget 30 is below"),
+])
+def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file, capsys):
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_text("not a picture")
+    argv = {
+        "missing-model": _generate(tmp_path / "nowhere", image_file),
+        "model-without-config": _generate(tmp_path, image_file),
+        "missing-image": _generate(fake_model_dir, tmp_path / "none.png"),
+        "unreadable-image": _generate(fake_model_dir, bad_image),
+        "budget-zero": _generate(fake_model_dir, image_file, "--budget", "0"),
+        "budget-negative": _generate(fake_model_dir, image_file, "--budget=-3"),
+        "unknown-preset": _generate(fake_model_dir, image_file, "--preset", "v9"),
+        "demo-budget-zero": ["demo", "--budget", "0"],
+        "demo-unknown-preset": ["demo", "--preset", "v3"],
+        "budget-not-int": ["demo", "--budget", "lots"],
+        "zero-new-tokens": _generate(fake_model_dir, image_file, "--max-new-tokens", "0"),
+        "zero-repeats": ["demo", "--repeats", "0"],
+        "demo-budget-too-small": ["demo", "--budget", "30"],
+    }[case]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert out == ""
+
+
+@pytest.mark.parametrize("config_json, message", [
+    ('{"model_type": "bert"}', "unsupported model type 'bert'; supported: llava, llava_next"),
+    ("not json", "cannot read the model config"),
+])
+def test_bad_checkpoint_config_exits_2(config_json, message, fake_model_dir, image_file, capsys):
+    (fake_model_dir / "config.json").write_text(config_json)
+    code, out, err = run_cli(_generate(fake_model_dir, image_file), capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_error_from_the_console_entry_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsevlm_engine.cli", "generate", "--model", str(tmp_path / "x"),
+         "--image", "y.png", "--prompt", "p"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"sparsevlm: error: model path not found: {tmp_path / 'x'}"]
+
+
+# ---------------------------------------------------------------- generate command
+
+def test_generate_with_a_local_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    save_demo_checkpoint(ckpt, seed=1)
+    image = tmp_path / "photo.png"
+    draw_demo_image(400).crop((0, 0, 400, 300)).save(image)  # not square: the processor crops
+    code, out, err = run_cli(
+        ["generate", "--model", str(ckpt), "--image", str(image), "--prompt", "What is the colour of the square?",
+         "--max-new-tokens", "3", "--budget", "64", "--preset", "v2", "--out", str(tmp_path / "out")],
+        capsys,
+    )
+    assert code == 0, err
+    assert re.search(r"visual tokens 576 -> \d+ \(after layer 2\)", out)
+    assert "decoder FLOPs reduction" in out
+    assert_png(tmp_path / "out" / cli.PNG_NAME, (4 * PANEL, PANEL))
+
+
+def save_tiny_llava_next(path):
+    """A random-weight LLaVA-NeXT checkpoint (CLIP 336/14 tiles, 32 tiny decoder layers) + processor."""
+    import transformers
+
+    tok = build_demo_tokenizer()
+    base = demo_config(tok)
+    pinpoints = [[336, 672], [672, 336], [672, 672], [336, 336]]
+    config = transformers.LlavaNextConfig(
+        vision_config=base.vision_config.to_dict(), text_config=base.text_config.to_dict(),
+        image_token_index=base.image_token_index, image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+    config.image_token_id = base.image_token_index
+    torch.manual_seed(0)
+    model = transformers.LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    image_cls = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+    image_processor = image_cls(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                image_grid_pinpoints=pinpoints, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    processor = transformers.LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>",
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def test_generate_with_a_llava_next_checkpoint_draws_the_base_tile(tmp_path, capsys):
+    ckpt = tmp_path / "next"
+    save_tiny_llava_next(ckpt)
+    image = tmp_path / "wide.png"
+    draw_demo_image(336).resize((600, 300)).save(image)
+    code, out, err = run_cli(
+        ["generate", "--model", str(ckpt), "--image", str(image), "--prompt", "What is the colour of the square?",
+         "--max-new-tokens", "2", "--out", str(tmp_path / "out")],
+        capsys,
+    )
+    assert code == 0, err
+    n_visual = int(re.search(r"visual tokens (\d+) -> \d+ \(after layer 2\)", out).group(1))
+    assert n_visual > 576  # base tile + high-resolution tiles + newline tokens
+    assert_png(tmp_path / "out" / cli.PNG_NAME, (4 * PANEL, PANEL))
+
+
+def test_build_prompt_uses_the_chat_template_when_there_is_one():
+    processor = build_demo_processor(build_demo_tokenizer())
+    processor.chat_template = None
+    assert cli.build_prompt(processor, "Why?") == "USER: <image>\nWhy? ASSISTANT:"
+    assert cli.build_prompt(processor, "<image> as given") == "<image> as given"
+    processor.chat_template = (
+        "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    )
+    assert cli.build_prompt(processor, "Why?") == "USER: <image>\nWhy? ASSISTANT:"
+
+
+# ---------------------------------------------------------------- heatmap
+
+def _fake_sample(n_visual=576, offset=5):
+    visual = tuple(range(offset, offset + n_visual))
+    first = PruningRecord(layer=2, visual_before=n_visual, keep_count=4, kept=visual[:4],
+                          recycled=(RecycledToken(centre=visual[10], members=(visual[10], visual[11])),))
+    second = PruningRecord(layer=6, visual_before=5, keep_count=2, kept=(visual[0], visual[10]), recycled=())
+    flops = FlopsReport(dense_paper=1.0, sparse_paper=0.5, dense_exact=2.0, sparse_exact=1.0, pruning=0.01)
+    return SampleTrace(length=offset + n_visual + 3, visual_positions=visual, rater_positions=(0,),
+                       pruning=(first, second), visual_entering=(n_visual,) * 3 + (5,) * 4 + (2,),
+                       final_positions=(), flops=flops)
+
+
+def _patch_pixel(sheet, panel, patch, grid=24, dx=0, dy=0):
+    cell = PANEL / grid
+    r, c = divmod(patch, grid)
+    x = GAP + panel * (PANEL + GAP) + int((c + 0.5) * cell) + dx
+    y = TITLE_H + int((r + 0.5) * cell) + dy
+    return sheet.getpixel((x, y))
+
+
+def test_heatmap_marks_kept_pruned_and_recycled(tmp_path):
+    colour = (200, 120, 40)
+    out = draw_kept_patches(Image.new("RGB", (300, 300), colour), _fake_sample(), tmp_path / "k.png")
+    assert_png(out, (3 * PANEL, PANEL))
+    with Image.open(out) as im:
+        sheet = im.convert("RGB")
+    dim = tuple(int(v * DIM) for v in colour)
+    assert _patch_pixel(sheet, 0, 100) == colour  # the input panel is untouched
+    assert _patch_pixel(sheet, 1, 0) == colour and _patch_pixel(sheet, 1, 3) == colour  # kept
+    assert _patch_pixel(sheet, 1, 4) == dim and _patch_pixel(sheet, 1, 575) == dim  # pruned
+    assert _patch_pixel(sheet, 1, 10) == colour  # recycled centre: bright, with an orange box
+    assert _patch_pixel(sheet, 1, 10, dy=-6) == RECYCLED_CENTRE
+    assert _patch_pixel(sheet, 2, 3) == dim and _patch_pixel(sheet, 2, 0) == colour
+    assert _patch_pixel(sheet, 2, 10, dy=-6) == RECYCLED_CENTRE  # still present after layer 6
+
+
+def test_heatmap_non_square_counts_use_the_leading_block(tmp_path):
+    assert grid_for(576) == (24, "")
+    g, note = grid_for(2928, grid=24)
+    assert g == 24 and "first 24x24 of 2928" in note
+    assert grid_for(600)[0] == 24
+    with pytest.raises(ValueError, match="does not fit"):
+        grid_for(100, grid=24)
+    out = draw_kept_patches(Image.new("RGB", (336, 336), "white"), _fake_sample(n_visual=700), tmp_path / "n.png",
+                            grid=24)
+    assert_png(out, (3 * PANEL, PANEL))
