@@ -189,3 +189,16 @@ def test_visual_tokens_found_from_inputs_embeds():
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     mask = sve.FAMILIES["llava"].visual_mask(model, None, embeds)
     assert torch.equal(mask, inputs["input_ids"] == IMAGE_TOKEN)
+
+
+def test_scoring_without_a_cache_recomputes_the_same_keys():
+    model = tiny_llava()
+    inputs = llava_prompts(before=(3, 5), after=(6, 4))
+    sve.sparsify(model, sve.SparseVLMConfig.v1_5(128))
+    with torch.no_grad():
+        cached = model(**inputs, use_cache=True).logits
+        trace_cached = sve.last_trace(model)
+        uncached = model(**inputs, use_cache=False).logits
+    trace_uncached = sve.last_trace(model)
+    assert [s.pruning for s in trace_cached.samples] == [s.pruning for s in trace_uncached.samples]
+    torch.testing.assert_close(uncached, cached, atol=1e-6, rtol=1e-6)

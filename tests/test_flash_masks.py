@@ -1,0 +1,69 @@
+"""The flash_attention_2 path on CPU: flash-attn cannot be built here, so a stand-in with
+flash-attn's padding semantics (un-pad by the 2-D mask, causal aligned bottom-right) takes its
+place in transformers' attention registry; the engine's 2-D masks must give the masked-dense
+result through it."""
+import pytest
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import sparsevlm_engine as sve
+from masked_reference import gather_final_logits, masked_dense
+from tiny import llava_prompts, tiny_llava
+
+
+def flash_like_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """query [B, H, Q, D], key/value [B, H_kv, K, D], attention_mask [B, K] (1 = real) or None."""
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    groups = heads // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    valid = torch.ones(batch, k_len, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rank = valid.long().cumsum(1) - 1  # index among real keys
+    q_valid = valid[:, -q_len:]
+    q_rank = rank[:, -q_len:]
+    causal = rank[:, None, :] <= q_rank[:, :, None] if getattr(module, "is_causal", True) else True
+    allowed = valid[:, None, :] & causal & q_valid[:, :, None]
+    allowed |= ~q_valid[:, :, None] & (torch.arange(k_len)[None, None, :] == (k_len - q_len + torch.arange(q_len))[None, :, None])
+    scores = (query @ key.transpose(-1, -2)) * (scaling or query.shape[-1] ** -0.5)
+    probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), -1)
+    out = (probs @ value) * q_valid[:, None, :, None]
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture
+def flash_like(monkeypatch):
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", flash_like_attention)
+
+
+def _use(model, impl):
+    for cfg in (model.config, model.config.text_config):
+        cfg._attn_implementation = impl
+
+
+def test_flash_path_equals_masked_dense(flash_like):
+    model = tiny_llava("sdpa")
+    inputs = llava_prompts(before=(3, 6, 1), after=(5, 9, 7))
+    _use(model, "flash_attention_2")
+    sve.sparsify(model, sve.SparseVLMConfig.v1_5(128, recycling=False))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    trace = sve.last_trace(model)
+    sve.unsparsify(model)
+    _use(model, "sdpa")
+    dense, dense_generated = masked_dense(model, inputs, trace, "sdpa", 5)
+    expected = gather_final_logits(dense, trace, inputs["attention_mask"])
+    assert all(s.pruning for s in trace.samples)
+    torch.testing.assert_close(logits[:, -1], expected[:, -1], atol=2e-5, rtol=1e-5)
+    assert torch.equal(generated, dense_generated)
+
+
+def test_stand_in_matches_sdpa_on_the_dense_model(flash_like):
+    model = tiny_llava("sdpa")
+    inputs = llava_prompts(before=(3, 6, 1), after=(5, 9, 7))
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        _use(model, "flash_attention_2")
+        flash = model(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(flash[real], reference[real], atol=2e-5, rtol=1e-5)
