@@ -332,6 +332,9 @@ def _guarded_generate(model, original, *args, **kwargs):
         problems.append(f"cache_implementation={setting('cache_implementation')!r}")
     if setting("prefill_chunk_size") is not None:
         problems.append("chunked prefill")
+    cache = kwargs.get("past_key_values")
+    if cache is not None and type(cache).__name__ in UNSUPPORTED_CACHES:
+        problems.append(type(cache).__name__)
     if problems:
         raise UnsupportedModeError(
             "a sparsified model does not support " + ", ".join(problems)

@@ -154,6 +154,7 @@ def test_unsupported_model_names_the_supported_families():
     ({"num_beams": 2}, "beam search"),
     ({"cache_implementation": "static"}, "cache_implementation"),
     ({"prompt_lookup_num_tokens": 3}, "assisted decoding"),
+    ({"prefill_chunk_size": 8}, "chunked prefill"),
 ])
 def test_unsupported_generation_modes_raise(kwargs, match):
     model = tiny_llava()
@@ -202,3 +203,16 @@ def test_scoring_without_a_cache_recomputes_the_same_keys():
     trace_uncached = sve.last_trace(model)
     assert [s.pruning for s in trace_cached.samples] == [s.pruning for s in trace_uncached.samples]
     torch.testing.assert_close(uncached, cached, atol=1e-6, rtol=1e-6)
+
+
+def test_a_static_cache_object_is_refused():
+    from transformers import StaticCache
+
+    model = tiny_llava()
+    inputs = llava_prompts()
+    sve.sparsify(model, sve.SparseVLMConfig())
+    cache = StaticCache(config=model.config.text_config, max_cache_len=256)
+    with pytest.raises(sve.UnsupportedModeError, match="StaticCache"):
+        model.generate(**inputs, max_new_tokens=2, past_key_values=cache)
+    with pytest.raises(sve.UnsupportedModeError, match="StaticCache"), torch.no_grad():
+        model(**inputs, past_key_values=StaticCache(config=model.config.text_config, max_cache_len=256))

@@ -86,11 +86,18 @@ def test_batch_rows_match_single_runs(family, recycling):
         assert torch.equal(one_generated[0, -NEW_TOKENS:], generated[b, -NEW_TOKENS:])
 
 
-def test_two_images_per_prompt_equal_masked_dense():
-    model = tiny_llava("sdpa", seed=2)
-    inputs = llava_prompts(before=(3, 6), after=(5, 2), images_per_prompt=2)
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_two_images_per_prompt_equal_masked_dense(family):
+    if family == "llava":
+        model = tiny_llava("sdpa", seed=2)
+        inputs = llava_prompts(before=(3, 6), after=(5, 2), images_per_prompt=2)
+        counts = [64] * 4
+    else:
+        model = tiny_llava_next("sdpa", seed=2)
+        sizes = [[28, 56], [56, 56], [56, 28], [28, 28]]
+        inputs, counts = llava_next_prompts(model, sizes, before=(3, 6), after=(5, 2), images_per_prompt=2)
     logits, trace, generated = _sparse_run(model, inputs, sve.SparseVLMConfig.v2(128))
-    assert all(s.n_visual == 128 for s in trace.samples)
+    assert [s.n_visual for s in trace.samples] == [counts[0] + counts[1], counts[2] + counts[3]]
     dense_logits, dense_generated = masked_dense(model, inputs, trace, "sdpa", NEW_TOKENS)
     expected = gather_final_logits(dense_logits, trace, inputs["attention_mask"])
     torch.testing.assert_close(_real_rows(logits, trace), expected, atol=ATOL, rtol=1e-5)

@@ -76,8 +76,9 @@ def llava_prompts(before=(3,), after=(5,), seed=1, n_visual=64, images_per_promp
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
-def llava_next_prompts(model, image_sizes, before=(3,), after=(5,), seed=1):
-    """One image per prompt, each of its own size (so each its own visual token count)."""
+def llava_next_prompts(model, image_sizes, before=(3,), after=(5,), seed=1, images_per_prompt=1):
+    """Prompts with images of their own sizes (so each its own visual token count); with several
+    images per prompt, image_sizes lists them prompt after prompt."""
     g = torch.Generator().manual_seed(seed)
     n_tiles = 5
     pixels = torch.randn(len(image_sizes), n_tiles, 3, 28, 28, generator=g)
@@ -86,6 +87,11 @@ def llava_next_prompts(model, image_sizes, before=(3,), after=(5,), seed=1):
         feats = model.model.get_image_features(pixels, sizes)
     feats = getattr(feats, "pooler_output", feats)
     counts = [f.shape[0] for f in feats]
-    seqs = [[1] + _ids(g, a) + [IMAGE_TOKEN] * n + _ids(g, b) for a, b, n in zip(before, after, counts)]
+    seqs = []
+    for i, (a, b) in enumerate(zip(before, after)):
+        seq = [1] + _ids(g, a)
+        for k, n in enumerate(counts[i * images_per_prompt:(i + 1) * images_per_prompt]):
+            seq += (_ids(g, 2) if k else []) + [IMAGE_TOKEN] * n
+        seqs.append(seq + _ids(g, b))
     ids, mask = left_pad(seqs)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}, counts
