@@ -58,7 +58,6 @@ class _Prefill:
         self.valid = valid
         self.length = length
         self.stages: list[Stage] = []
-        self.layer_stage: dict[int, int] = {}
         self.records: list[list] = []
         self.pruning_flops: list[float] = []
         self.n_visual: torch.Tensor | None = None
@@ -120,6 +119,7 @@ class SparseEngine:
         inv_freq = getattr(getattr(self.decoder, "rotary_emb", None), "inv_freq", None)
         self.rotary = rotary_functions(attn)
         self.pruner = Pruner(config, self.pruning_layers, self.dims, float(attn.scaling), inv_freq)
+        self.layer_stage = [sum(p < layer for p in self.pruning_layers) for layer in range(self.depth)]
         self.handles: list = []
         self.phase = "idle"
         self.pending: dict = {}
@@ -192,8 +192,8 @@ class SparseEngine:
             if index == 0:
                 self._start_prefill(args, kwargs)
                 return None
-            stage = self.prefill.stages[self.prefill.layer_stage[index]] if self.prefill else None
-            if stage is None or stage.first_layer == 0:
+            stage = self.prefill.stages[self.layer_stage[index]]
+            if stage.first_layer == 0:
                 return None
             kwargs["attention_mask"] = stage.mask
             kwargs["position_embeddings"] = (stage.cos, stage.sin)
@@ -201,7 +201,7 @@ class SparseEngine:
                 kwargs["position_ids"] = stage.position_ids
             return args, kwargs
         if self.phase == "decode":
-            stage = self.prefill.stages[self.prefill.layer_stage[index]]
+            stage = self.prefill.stages[self.layer_stage[index]]
             if stage.first_layer == 0:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -228,11 +228,6 @@ class SparseEngine:
         cache = kwargs.get("past_key_values")
         state.cache_ref = weakref.ref(cache) if cache is not None else None
         state.stages.append(Stage(first_layer=0, layout=layout))
-        stage = 0
-        for layer in range(self.depth):
-            state.layer_stage[layer] = stage
-            if layer in self.pruning_layers:
-                stage += 1
         state.rater_positions = [
             tuple(p for p, r in zip(pos, rat) if r) for pos, rat in zip(layout.pos.tolist(), layout.rater.tolist())]
         state.pruning_flops = [
@@ -256,7 +251,7 @@ class SparseEngine:
             return None
         state = self.prefill
         hidden = output[0] if isinstance(output, tuple) else output
-        stage_index = state.layer_stage[index]
+        stage_index = self.layer_stage[index]
         layout = state.stages[stage_index].layout
         scoring = state.scoring
         scoring.keys = _layer_keys(state.scoring_cache, index, hidden.shape[1])
