@@ -216,3 +216,18 @@ def test_a_static_cache_object_is_refused():
         model.generate(**inputs, max_new_tokens=2, past_key_values=cache)
     with pytest.raises(sve.UnsupportedModeError, match="StaticCache"), torch.no_grad():
         model(**inputs, past_key_values=StaticCache(config=model.config.text_config, max_cache_len=256))
+
+
+def test_an_all_padding_row_does_not_disturb_the_others():
+    model = tiny_llava("sdpa")
+    inputs = llava_prompts(before=(3, 5), after=(6, 4))
+    alone = {k: v[:1] for k, v in inputs.items()}
+    inputs["attention_mask"][1] = 0
+    sve.sparsify(model, sve.SparseVLMConfig.v1_5(128))
+    with torch.no_grad():
+        batch_logits = model(**inputs).logits
+        trace = sve.last_trace(model)
+        single_logits = model(**alone).logits
+    assert trace.samples[1].length == 0 and trace.samples[1].pruning[0].visual_before == 0
+    n = len(trace.samples[0].final_positions)
+    torch.testing.assert_close(batch_logits[0, -n:], single_logits[0, -n:], atol=2e-5, rtol=1e-5)
