@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .trace import FlopsReport
+
 
 @dataclass(frozen=True)
 class DecoderDims:
@@ -58,8 +60,6 @@ def decoder_flops(tokens_per_layer: list[int], dims: DecoderDims) -> tuple[float
 def prefill_flops(length: int, visual_entering, dims: DecoderDims, pruning: float):
     """FlopsReport of one sample: `length` real tokens of which visual_entering[l] visual ones
     enter layer l (dense: all visual tokens enter every layer)."""
-    from .trace import FlopsReport
-
     text = length - visual_entering[0]
     dense_paper, dense_exact = decoder_flops([length] * len(visual_entering), dims)
     sparse_paper, sparse_exact = decoder_flops([text + v for v in visual_entering], dims)

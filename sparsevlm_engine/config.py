@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from .schedule import RANK_COEFFICIENTS, SCHEDULE_TABLES, derive_schedule
 
 MODES = ("schedule", "rank")
+PRESETS = ("v1", "v1.5", "v2")
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -130,7 +131,7 @@ class SparseVLMConfig:
     @classmethod
     def preset(cls, name: str, budget: int = 128, **kw) -> "SparseVLMConfig":
         """Build a preset by name: "v1", "v1.5" or "v2"."""
-        builders = {"v1": cls.v1_rank, "v1_rank": cls.v1_rank, "v1.5": cls.v1_5, "v1_5": cls.v1_5, "v2": cls.v2}
+        builders = dict(zip(PRESETS, (cls.v1_rank, cls.v1_5, cls.v2)))
         if name not in builders:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(builders)}")
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return builders[name](budget, **kw)

@@ -16,12 +16,14 @@ class UnsupportedModelError(ValueError):
 class Family:
     """One supported family.
 
-    name: readable name; model_type: config.model_type; visual_token_attrs: config attributes
+    name: readable name; model_type: config.model_type; model_class: the transformers class
+    that loads a checkpoint of the family; visual_token_attrs: config attributes
     holding the token ids of visual placeholders (image, video).
     """
 
     name: str
     model_type: str
+    model_class: str
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
 
     def multimodal_model(self, model: nn.Module) -> nn.Module:
@@ -79,8 +81,9 @@ def rotary_functions(attention: nn.Module):
 
 
 FAMILIES: dict[str, Family] = {
-    "llava": Family("LLaVA-1.5 (LlavaForConditionalGeneration)", "llava"),
-    "llava_next": Family("LLaVA-NeXT (LlavaNextForConditionalGeneration)", "llava_next"),
+    "llava": Family("LLaVA-1.5 (LlavaForConditionalGeneration)", "llava", "LlavaForConditionalGeneration"),
+    "llava_next": Family("LLaVA-NeXT (LlavaNextForConditionalGeneration)", "llava_next",
+                         "LlavaNextForConditionalGeneration"),
 }
 
 

@@ -15,7 +15,7 @@ import torch
 from .kernels import reference as ref
 from .config import SparseVLMConfig
 from .accounting import DecoderDims, clustering_flops, scoring_flops
-from .schedule import schedule_counts
+from .schedule import scale_count, schedule_counts
 from .trace import PruningRecord, RecycledToken
 
 
@@ -101,7 +101,6 @@ class Pruner:
     def __init__(self, config: SparseVLMConfig, pruning_layers: tuple[int, ...], dims: DecoderDims,
                  scaling: float, inv_freq: torch.Tensor | None):
         self.config = config
-        self.pruning_layers = pruning_layers
         self.dims = dims
         heads = dims.heads
         self.head_dim = dims.head_dim
@@ -119,8 +118,7 @@ class Pruner:
                     attention: torch.Tensor, rater_valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Visual tokens to keep per row [B] (before any recycling)."""
         if self.config.mode == "schedule":
-            scaled = torch.round(n_visual.double() * self.counts[stage] / self.config.reference_visual_tokens)
-            target = scaled.long().clamp(min=1)
+            target = scale_count(self.counts[stage], n_visual, self.config.reference_visual_tokens)
             full = torch.zeros_like(present, dtype=torch.bool)
         else:
             scale, bias = self.config.rank_coefficients

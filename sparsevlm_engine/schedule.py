@@ -1,6 +1,8 @@
 """Where to prune and how many visual tokens to keep (SPARSEVLM.md section 3)."""
 from __future__ import annotations
 
+import torch
+
 REFERENCE_DEPTH = 32
 REFERENCE_LAYERS = (2, 6, 15)
 REFERENCE_VISUAL = 576
@@ -76,6 +78,9 @@ def schedule_counts(budget: int, table: str, n_layers: int) -> tuple[int, ...]:
     return counts[len(counts) - n_layers:]
 
 
-def scale_count(count: int, n_visual: int, reference: int = REFERENCE_VISUAL) -> int:
-    """A count given for `reference` visual tokens, scaled to n_visual (rounded, at least 1)."""
-    return max(1, round(count * n_visual / reference))
+def scale_count(count: int, n_visual, reference: int = REFERENCE_VISUAL):
+    """A count given for `reference` visual tokens, scaled to n_visual (rounded half to even,
+    at least 1). n_visual: an int, or a [B] tensor for per-sample counts."""
+    if isinstance(n_visual, int):
+        return max(1, round(count * n_visual / reference))
+    return torch.round(n_visual.double() * count / reference).long().clamp(min=1)
