@@ -1,10 +1,14 @@
-"""Test set-up: Triton runs through its interpreter on CPU; a `cuda` marker skips without a GPU."""
+"""Test set-up. Without a CUDA GPU, Triton kernels run through the interpreter on CPU (set here,
+before any kernel is defined); with one, they are compiled and the kernel tests run on CUDA.
+Tests marked `cuda` need a GPU and are skipped cleanly without one."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_configure(config):
@@ -19,3 +23,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every torch.empty / empty_like made during the test comes pre-filled with NaN (floats),
+    -7777 (ints) or True (bools), so a kernel output slot that is never written fails."""
+    from kernel_checks import poison
+
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
