@@ -44,7 +44,7 @@ setup_tf4() {
         .venv-tf4/bin/python -c "import transformers, sys; sys.exit(transformers.__version__ != '$TF4_VERSION')" 2>/dev/null; then
         return
     fi
-    .venv-tf4/bin/python -m pip install -q "transformers==$TF4_VERSION" numpy pillow \
+    .venv-tf4/bin/python -m pip install -q "transformers==$TF4_VERSION" "numpy>=1.26,<2.4" pillow \
         "pytest==9.2.0" "pytest-benchmark==5.3.1" "matplotlib==3.11.2" "${PINS[@]}"
     .venv-tf4/bin/python -m pip install -q --no-deps -e .
     stamp_of > .venv-tf4/.sparsevlm-installed

@@ -1,5 +1,7 @@
 """Packaging: `sparsevlm_engine`, with the top-level `kernels/` folder installed as
-`sparsevlm_engine.kernels` (a top-level module named `kernels` belongs to another project)."""
+`sparsevlm_engine.kernels` (a top-level module named `kernels` belongs to another project).
+`sparsevlm_engine/kernels` is a relative symlink to it, so every install mode (wheel, PEP 660
+editable, legacy develop, or the source tree on PYTHONPATH) finds the same files."""
 import re
 from pathlib import Path
 
@@ -17,7 +19,6 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["sparsevlm_engine", "sparsevlm_engine.kernels"],
-    package_dir={"sparsevlm_engine": "sparsevlm_engine", "sparsevlm_engine.kernels": "kernels"},
     package_data={"sparsevlm_engine": ["assets/*.png"]},
     include_package_data=False,
     install_requires=[
@@ -28,7 +29,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1"],
+        # Triton 3.6's interpreter (the CPU test path) breaks on numpy >= 2.4.
+        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "numpy>=1.26,<2.4"],
         "bench": ["matplotlib==3.11.2", "pytest-benchmark==5.3.1"],
         "flash": ["flash-attn==2.8.3.post2"],
     },

@@ -72,29 +72,34 @@ def rater_attention(q: torch.Tensor, k: torch.Tensor, key_visible: torch.Tensor,
     return torch.where(keep, probs, torch.zeros((), dtype=probs.dtype))
 
 
-def head_weights(a: torch.Tensor, rater_valid: torch.Tensor, n_priority: int | None) -> torch.Tensor:
+def head_relevance(a: torch.Tensor, rater_valid: torch.Tensor) -> torch.Tensor:
+    """rel[b, h, l] = mean over valid raters of a[b, h, r, l].
+
+    a: [B, H, R, L] from rater_attention; rater_valid: [B, R] bool. Returns [B, H, L] fp32.
+    """
+    n_raters = rater_valid.sum(-1).clamp(min=1).float()
+    return (a * rater_valid[:, None, :, None]).sum(2) / n_raters[:, None, None]
+
+
+def head_weights(head_rel: torch.Tensor, n_priority: int | None) -> torch.Tensor:
     """Weights [B, H] that average heads: uniform, or uniform over the n_priority heads with
     the largest summed rater-to-visual attention (ties to the lower head index).
 
-    a: [B, H, R, L] from rater_attention; rater_valid: [B, R] bool.
+    head_rel: [B, H, L] from head_relevance (its sum over l ranks the heads as the summed
+    attention does: the two differ by the rater count, one factor per row).
     """
-    batch, heads = a.shape[:2]
+    batch, heads = head_rel.shape[:2]
     if n_priority is None or n_priority >= heads:
-        return torch.full((batch, heads), 1.0 / heads, device=a.device)
-    score = (a * rater_valid[:, None, :, None]).sum((2, 3))
+        return torch.full((batch, heads), 1.0 / heads, device=head_rel.device)
+    score = head_rel.sum(-1)
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :n_priority]
-    weights = torch.zeros(batch, heads, device=a.device)
+    weights = torch.zeros(batch, heads, device=head_rel.device)
     return weights.scatter(1, order, 1.0 / n_priority)
 
 
-def relevance(a: torch.Tensor, rater_valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """rel[b, l] = sum_h weights[b, h] * mean over valid raters of a[b, h, r, l].
-
-    a: [B, H, R, L]; rater_valid: [B, R] bool; weights: [B, H]. Returns [B, L] fp32.
-    """
-    n_raters = rater_valid.sum(-1).clamp(min=1).float()
-    per_head = (a * rater_valid[:, None, :, None]).sum(2) / n_raters[:, None, None]
-    return torch.einsum("bhl,bh->bl", per_head, weights)
+def relevance(head_rel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rel[b, l] = sum_h weights[b, h] * head_rel[b, h, l]. Returns [B, L] fp32."""
+    return torch.einsum("bhl,bh->bl", head_rel, weights)
 
 
 def rater_gram(a: torch.Tensor, rater_valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -127,6 +132,16 @@ def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     return (rank < k[:, None]) & candidates
+
+
+def packed_slots(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Slots where mask is true, ascending, packed to the left: [B, width] int64, -1 past the
+    row's count. mask: [B, L] bool; width >= every row's count."""
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    if width > order.shape[1]:
+        order = torch.cat([order, order.new_zeros(order.shape[0], width - order.shape[1])], 1)
+    ok = torch.arange(width, device=mask.device)[None, :] < mask.sum(1, keepdim=True)
+    return torch.where(ok, order[:, :width], -1)
 
 
 def dpc_knn(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,15 +179,16 @@ def merge_clusters(x: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> to
     return (sums / counts[:, None]).to(x.dtype)
 
 
-def compaction_order(alive: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+def compaction_order(alive: torch.Tensor, position: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Gather map of the compacted, left-padded layout.
 
     alive: [B, P] bool slots of a pool (tokens kept plus recycled tokens); position: [B, P]
     their sequence positions (distinct among alive slots of a row). Returns [B, L'] indices
-    into the pool, L' = max alive count: each row holds its alive slots in position order,
-    right-aligned, preceded by dead slots (padding).
+    into the pool, L' = width (default: the max alive count): each row holds its alive slots
+    in position order, right-aligned, preceded by dead slots (padding) in slot order.
     """
     key = torch.where(alive, position, torch.full_like(position, -1))
     order = torch.sort(key, dim=-1, stable=True).indices
-    width = int(alive.sum(-1).max().item()) if alive.numel() else 0
+    if width is None:
+        width = int(alive.sum(-1).max().item()) if alive.numel() else 0
     return order[:, order.shape[1] - width:]

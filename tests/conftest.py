@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every torch.empty / empty_like made during the test comes pre-filled with NaN (floats),
-    -7777 (ints) or True (bools), so a kernel output slot that is never written fails."""
+    a negative sentinel (ints) or True (bools), so a kernel output slot that is never written fails."""
     from kernel_checks import poison
 
     real_empty, real_empty_like = torch.empty, torch.empty_like

@@ -5,11 +5,14 @@ from sparsevlm_engine.kernels._launch import interpreting
 
 DEVICE = torch.device("cpu") if interpreting() or not torch.cuda.is_available() else torch.device("cuda")
 
-# (atol, rtol) of a kernel that accumulates in fp32 against the fp32 reference, by input dtype.
+# (atol, rtol) of a kernel output against the reference, by the OUTPUT dtype. Kernels and
+# reference both compute in fp32 from the same inputs (fp16/bf16 products are exact in fp32),
+# so fp32 outputs differ only by summation order; fp16/bf16 outputs by about one unit in the
+# last place of the final cast.
 TOLERANCE = {
     torch.float32: (1e-5, 1e-4),
     torch.float16: (1e-3, 1e-3),
-    torch.bfloat16: (1e-3, 1e-3),
+    torch.bfloat16: (8e-3, 8e-3),
 }
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -19,9 +22,10 @@ def dtype_id(dtype: torch.dtype) -> str:
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:
-    """Fill a fresh output with NaN (floats) or a sentinel (ints) so unwritten slots show."""
+    """Fill a fresh output with NaN (floats), a negative sentinel (ints) or True (bools) so
+    unwritten slots show."""
     if t.is_floating_point():
         return t.fill_(float("nan"))
     if t.dtype == torch.bool:
         return t.fill_(True)
-    return t.fill_(-7777)
+    return t.fill_(-7777 if t.element_size() > 1 else -77)
