@@ -7,13 +7,12 @@ cos/sin rows and the position ids (1-D or 3-D).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import check_device, check_shape, next_pow2
+from .types import Compacted
 
 BLOCK_SLOTS = 1024
 BLOCK_W = 8
@@ -95,17 +94,6 @@ def _compact_kernel(
                         mask=mask & from_merged[:, None])
             x = tl.where(from_merged[:, None], y, x)
         tl.store(out_hidden_ptr + (b * W + offs_w[:, None]) * D + cols[None, :], x, mask=mask)
-
-
-class Compacted(NamedTuple):
-    """The new layout's tensors: hidden [B, W, d], meta [M, B, W], cos / sin like the inputs
-    with L0 replaced by W, position_ids like the input with L0 replaced by W (or None)."""
-
-    hidden: torch.Tensor
-    meta: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    position_ids: torch.Tensor | None
 
 
 def compaction_order(alive: torch.Tensor, width: int) -> torch.Tensor:

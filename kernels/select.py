@@ -9,14 +9,13 @@ slots. Kept slots come out in slot (= original) order.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import check_device, check_shape, next_pow2
 from .compact import compaction_order
+from .types import Selection
 
 MAX_BLOCK = 4096
 
@@ -85,15 +84,6 @@ def _topk_kernel(scores_ptr, cand_ptr, k_ptr, kept_ptr, idx_ptr, L, K,
     for j0 in range(0, K, BLOCK):
         offs = j0 + offs0
         tl.store(idx_ptr + b * K + offs, tl.full([BLOCK], -1, tl.int64), mask=(offs < K) & (offs >= n_kept))
-
-
-class Selection(NamedTuple):
-    """kept: [B, L] bool; kept_idx: [B, max_k] kept slots ascending, -1 after the row's count;
-    order: [B, width] gather map of the compacted layout (keep_also | kept), or None."""
-
-    kept: torch.Tensor
-    kept_idx: torch.Tensor
-    order: torch.Tensor | None
 
 
 def select_topk(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor, max_k: int,

@@ -24,7 +24,7 @@ from .accounting import DecoderDims, prefill_flops, rater_selection_flops
 from .config import SparseVLMConfig
 from .families import Family, UnsupportedModelError, family_of, rotary_functions
 from .masks import decode_mask, prefill_mask
-from .pruning import Layout, Pruner, ScoringInputs, gather_rows, initial_layout
+from .pruning import HostCounts, Layout, Pruner, Rope, ScoringInputs, StepRecord
 from .schedule import default_pruning_layers
 from .trace import SampleTrace, Trace
 
@@ -58,14 +58,12 @@ class _Prefill:
         self.valid = valid
         self.length = length
         self.stages: list[Stage] = []
-        self.records: list[list] = []
-        self.pruning_flops: list[float] = []
-        self.n_visual: torch.Tensor | None = None
-        self.cos = self.sin = self.position_ids = None
+        self.steps: list[StepRecord] = []
+        self.counts: HostCounts | None = None
+        self.rope: Rope | None = None
         self.scoring: ScoringInputs | None = None
         self.scoring_cache = None
         self.cache_ref = None
-        self.rater_positions: list[tuple[int, ...]] = []
 
 
 def _attn_implementation(config) -> str:
@@ -113,8 +111,6 @@ class SparseEngine:
         if self.impl not in SUPPORTED_ATTENTION:
             raise UnsupportedModeError(
                 f"attn_implementation {self.impl!r} is not supported; use one of {SUPPORTED_ATTENTION}")
-        if config.backend == "triton":
-            raise NotImplementedError("the Triton backend is not available yet; use backend='torch' or 'auto'")
         attn = self.layers[self.pruning_layers[0]].self_attn
         inv_freq = getattr(getattr(self.decoder, "rotary_emb", None), "inv_freq", None)
         self.rotary = rotary_functions(attn)
@@ -124,7 +120,19 @@ class SparseEngine:
         self.phase = "idle"
         self.pending: dict = {}
         self.prefill: _Prefill | None = None
-        self.trace: Trace | None = None
+        self._trace: Trace | None = None
+        self._trace_source = None
+
+    @property
+    def trace(self) -> Trace | None:
+        """The last prefill's trace, read back from the device on first access."""
+        if self._trace is None and self._trace_source is not None:
+            self._trace = self._trace_source()
+            self._trace_source = None
+        return self._trace
+
+    def _set_trace(self, build) -> None:
+        self._trace, self._trace_source = None, build
 
     # ----------------------------------------------------------------- installation
     def install(self) -> None:
@@ -168,7 +176,7 @@ class SparseEngine:
             self.prefill = None
             if self.phase == "dense":
                 valid = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
-                self.trace = self.dense_trace(valid, visual & valid)
+                self._set_trace(functools.partial(self.dense_trace, valid, visual & valid))
             return None
         if self.prefill is not None and self.prefill.cache_ref is not None and self.prefill.cache_ref() is cache:
             if q_len != 1:
@@ -218,22 +226,14 @@ class SparseEngine:
             else mask2d.to(device=hidden.device, dtype=torch.bool)
         visual = self.pending["visual"].to(hidden.device)
         state = _Prefill(visual & valid, valid, length)
-        layout = initial_layout(hidden, valid, visual)
+        layout, state.counts = self.pruner.start(hidden, valid, visual)
         cos, sin = kwargs["position_embeddings"]
-        state.cos = cos.expand(batch, *cos.shape[1:])
-        state.sin = sin.expand(batch, *sin.shape[1:])
         pid = kwargs.get("position_ids")
-        state.position_ids = None if pid is None else pid.expand(batch, pid.shape[-1])
-        state.n_visual = state.visual.sum(1)
+        state.rope = Rope(cos.expand(batch, *cos.shape[1:]), sin.expand(batch, *sin.shape[1:]),
+                          None if pid is None else pid.expand(batch, pid.shape[-1]))
         cache = kwargs.get("past_key_values")
         state.cache_ref = weakref.ref(cache) if cache is not None else None
         state.stages.append(Stage(first_layer=0, layout=layout))
-        state.rater_positions = [
-            tuple(p for p, r in zip(pos, rat) if r) for pos, rat in zip(layout.pos.tolist(), layout.rater.tolist())]
-        state.pruning_flops = [
-            rater_selection_flops(int(nv), int(nt), self.dims.hidden)
-            for nv, nt in zip(state.n_visual.tolist(), (valid & ~state.visual).sum(1).tolist())]
-        state.records = [[] for _ in range(batch)]
         self.prefill = state
 
     def _keep_attention_input(self, module, args, kwargs):
@@ -252,49 +252,48 @@ class SparseEngine:
         state = self.prefill
         hidden = output[0] if isinstance(output, tuple) else output
         stage_index = self.layer_stage[index]
-        layout = state.stages[stage_index].layout
         scoring = state.scoring
         scoring.keys = _layer_keys(state.scoring_cache, index, hidden.shape[1])
-        result = self.pruner.prune(stage_index, index, hidden, layout, scoring, state.n_visual,
-                                   module.self_attn, self.rotary)
+        result = self.pruner.prune(stage_index, index, hidden, state.stages[stage_index].layout, scoring,
+                                   state.counts, state.rope, module.self_attn, self.rotary)
         state.scoring = None
-        for b, record in enumerate(result.records):
-            state.records[b].append(record)
-            state.pruning_flops[b] += result.pruning_flops[b]
-        new_layout = result.layout
-        src = new_layout.src
-        stage = Stage(first_layer=index + 1, layout=new_layout,
-                      mask=prefill_mask(new_layout.valid, self.impl, hidden.dtype),
-                      cos=gather_rows(state.cos, src), sin=gather_rows(state.sin, src),
-                      position_ids=None if state.position_ids is None else state.position_ids.gather(1, src))
-        state.stages.append(stage)
+        state.steps.append(result.record)
+        state.counts = result.counts
+        state.stages.append(Stage(first_layer=index + 1, layout=result.layout,
+                                  mask=prefill_mask(result.layout.valid, self.impl, hidden.dtype),
+                                  cos=result.rope.cos, sin=result.rope.sin, position_ids=result.rope.position_ids))
         if index == self.pruning_layers[-1]:
-            self.trace = self._build_trace()
+            self._set_trace(functools.partial(self._build_trace, state))
         if isinstance(output, tuple):
             return (result.hidden,) + tuple(output[1:])
         return result.hidden
 
     # ----------------------------------------------------------------- trace
-    def _build_trace(self) -> Trace:
-        state = self.prefill
+    def _build_trace(self, state: _Prefill) -> Trace:
+        first, final = state.stages[0].layout, state.stages[-1].layout
+        per_step = [step.records() for step in state.steps]
+        step_flops = [step.flops(self.dims, self.config.mode == "rank") for step in state.steps]
+        valid, visual = state.valid.tolist(), state.visual.tolist()
+        positions, raters = first.pos.tolist(), (first.rater & first.valid).tolist()
+        final_pos, final_valid = final.pos.tolist(), final.valid.tolist()
         samples = []
-        final = state.stages[-1].layout
-        for b in range(state.valid.shape[0]):
-            length = int(state.valid[b].sum())
-            n_visual = int(state.n_visual[b])
-            visual_positions = tuple(p for p, v in zip(state.stages[0].layout.pos[b].tolist(),
-                                                       state.visual[b].tolist()) if v)
-            entering, current = [], n_visual
-            records = {r.layer: r for r in state.records[b]}
+        for b in range(len(valid)):
+            length = sum(valid[b])
+            visual_positions = tuple(p for p, v in zip(positions[b], visual[b]) if v)
+            records = [step[b] for step in per_step]
+            after = {r.layer: r.visual_after for r in records}
+            entering, current = [], len(visual_positions)
             for layer in range(self.depth):
                 entering.append(current)
-                if layer in records:
-                    current = records[layer].visual_after
-            final_positions = tuple(p for p, ok in zip(final.pos[b].tolist(), final.valid[b].tolist()) if ok)
+                current = after.get(layer, current)
+            pruning = rater_selection_flops(len(visual_positions), length - len(visual_positions), self.dims.hidden)
+            pruning += sum(flops[b] for flops in step_flops)
             samples.append(SampleTrace(
-                length=length, visual_positions=visual_positions, rater_positions=state.rater_positions[b],
-                pruning=tuple(state.records[b]), visual_entering=tuple(entering), final_positions=final_positions,
-                flops=prefill_flops(length, entering, self.dims, state.pruning_flops[b])))
+                length=length, visual_positions=visual_positions,
+                rater_positions=tuple(p for p, r in zip(positions[b], raters[b]) if r),
+                pruning=tuple(records), visual_entering=tuple(entering),
+                final_positions=tuple(p for p, ok in zip(final_pos[b], final_valid[b]) if ok),
+                flops=prefill_flops(length, entering, self.dims, pruning)))
         return Trace(samples=samples, pruning_layers=self.pruning_layers, depth=self.depth)
 
     def dense_trace(self, valid: torch.Tensor, visual: torch.Tensor) -> Trace:

@@ -4,19 +4,25 @@ and compaction at the output of each pruning layer. Batched; each row is pruned 
 A layout is the current left-padded arrangement of a batch: for every slot [B, L] its source
 index in the prompt as given (src, for gathering RoPE rows), its position among the sample's
 real tokens (pos), and whether it is real, visual or a rater.
+
+The host keeps every row's token counts itself (HostCounts), so a pruning layer reads nothing
+back from the GPU in schedule mode; rank mode reads the R x R Gram matrices once.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .kernels import reference as ref
-from .config import SparseVLMConfig
 from .accounting import DecoderDims, clustering_flops, scoring_flops
+from .backends import ops_for
+from .config import SparseVLMConfig
 from .schedule import scale_count, schedule_counts
 from .trace import PruningRecord, RecycledToken
+
+LAYOUT_FIELDS = ("src", "pos", "valid", "visual", "rater")
 
 
 @dataclass
@@ -29,8 +35,15 @@ class Layout:
     visual: torch.Tensor
     rater: torch.Tensor
 
-    def gather(self, order: torch.Tensor) -> "Layout":
-        return Layout(*(t.gather(1, order) for t in (self.src, self.pos, self.valid, self.visual, self.rater)))
+    def meta(self, valid: torch.Tensor) -> torch.Tensor:
+        """[5, B, L] int64 with `valid` as the validity, src first (the row compaction gathers
+        RoPE rows by)."""
+        return torch.stack([(valid if f == "valid" else getattr(self, f)).long() for f in LAYOUT_FIELDS])
+
+    @classmethod
+    def from_meta(cls, meta: torch.Tensor) -> "Layout":
+        src, pos, valid, visual, rater = meta.unbind(0)
+        return cls(src, pos, valid.bool(), visual.bool(), rater.bool())
 
 
 @dataclass
@@ -45,23 +58,108 @@ class ScoringInputs:
 
 
 @dataclass
-class PruneResult:
-    hidden: torch.Tensor
-    layout: Layout
-    records: list[PruningRecord]
-    pruning_flops: list[float] = field(default_factory=list)
+class Rope:
+    """RoPE inputs of the prompt as given: cos, sin [B, L0, Dr] and position_ids [B, L0] or None."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position_ids: torch.Tensor | None
 
 
-def packed_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots where mask is true, packed to the left in slot order.
+@dataclass
+class HostCounts:
+    """Per-row counts on the host (CPU int64 [B]): real tokens and visual tokens in the current
+    layout, and visual tokens of the prompt; raters: rater slots (>= every row's rater count)."""
 
-    mask: [B, L] bool. Returns (idx [B, W], ok [B, W]), W = max count; idx is 0 where not ok.
-    """
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
-    width = int(mask.sum(1).max().item()) if mask.numel() else 0
-    idx = order[:, :width]
-    ok = torch.arange(width, device=mask.device)[None, :] < mask.sum(1, keepdim=True)
-    return torch.where(ok, idx, torch.zeros_like(idx)), ok
+    valid: torch.Tensor
+    visual: torch.Tensor
+    n_visual: torch.Tensor
+    raters: int
+
+
+@dataclass
+class Plan:
+    """A pruning layer's counts, decided on the host: keep / candidates / clusters per row [B]."""
+
+    keep: torch.Tensor
+    n_cand: torch.Tensor
+    n_clusters: torch.Tensor
+    after: HostCounts
+
+    @property
+    def width(self) -> int:
+        return int(self.after.valid.max()) if self.after.valid.numel() else 0
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """[3, B] (keep, n_cand, n_clusters) on device, copied without waiting for the GPU."""
+        host = torch.stack([self.keep, self.n_cand, self.n_clusters])
+        if device.type == "cuda":
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+
+
+@dataclass
+class StepRecord:
+    """What one pruning layer did, kept as tensors until the trace is read."""
+
+    layer: int
+    pos: torch.Tensor             # [B, L] positions of the slots before pruning
+    kept: torch.Tensor            # [B, L] bool
+    rater_valid: torch.Tensor     # [B, R]
+    before: HostCounts
+    plan: Plan
+    cand_idx: torch.Tensor | None = None   # [B, N] slots of the recycling candidates
+    centres: torch.Tensor | None = None    # [B, C] indices into cand_idx
+    assign: torch.Tensor | None = None     # [B, N] cluster of each candidate
+
+    def records(self) -> list[PruningRecord]:
+        kept_pos = self.pos.masked_fill(~self.kept, -1).tolist()
+        recycled = [[] for _ in kept_pos]
+        if self.cand_idx is not None:
+            cand_pos = self.pos.gather(1, self.cand_idx.clamp(min=0)).tolist()
+            for b, (centres, assign) in enumerate(zip(self.centres.tolist(), self.assign.tolist())):
+                members = {c: [] for c in range(len(centres)) if centres[c] >= 0}
+                for i, cluster in enumerate(assign):
+                    if cluster >= 0:
+                        members[cluster].append(cand_pos[b][i])
+                recycled[b] = [RecycledToken(centre=cand_pos[b][centres[c]], members=tuple(m))
+                               for c, m in members.items()]
+        return [PruningRecord(layer=self.layer, visual_before=int(self.before.visual[b]),
+                              keep_count=int(self.plan.keep[b]), kept=tuple(p for p in row if p >= 0),
+                              recycled=tuple(recycled[b]))
+                for b, row in enumerate(kept_pos)]
+
+    def flops(self, dims: DecoderDims, gram: bool) -> list[float]:
+        raters = self.rater_valid.sum(1).tolist()
+        return [scoring_flops(int(r), int(n), int(v), dims, gram) + clustering_flops(int(c), dims.hidden)
+                for r, n, v, c in zip(raters, self.before.valid, self.before.visual, self.plan.n_cand)]
+
+
+def initial_layout(ops, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> tuple[Layout, HostCounts]:
+    """The layout of the prompt as given, with raters chosen (SPARSEVLM.md section 1), and its
+    host counts. hidden: [B, L, d] the layer-0 input; valid, visual: [B, L] bool.
+    Reads three counts per row back to the host (once per prefill)."""
+    batch, length = valid.shape
+    slots = torch.arange(length, device=valid.device).expand(batch, length)
+    visual = visual & valid
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+    first_visual = torch.where(visual, slots, length).min(1, keepdim=True).values
+    instruction = valid & ~visual & (slots > first_visual)
+    n_valid, n_visual, n_instruction = torch.stack([valid.sum(1), visual.sum(1), instruction.sum(1)]).cpu()
+    v_idx = ref.packed_slots(visual, int(n_visual.max()))
+    t_idx = ref.packed_slots(instruction, int(n_instruction.max()))
+    rater = torch.zeros_like(valid)
+    if t_idx.shape[1]:
+        chosen = ops.select_raters(gather_rows(hidden, v_idx.clamp(min=0)), gather_rows(hidden, t_idx.clamp(min=0)),
+                                   v_idx >= 0, t_idx >= 0)
+        rater.scatter_(1, t_idx.clamp(min=0), chosen & (t_idx >= 0))
+    last_real = torch.where(valid, slots, -1).max(1).values
+    fallback = ~instruction.any(1) & visual.any(1) & (last_real >= 0)
+    fallback_rater = torch.zeros_like(valid).scatter_(1, last_real.clamp(min=0)[:, None], True)
+    rater = torch.where(fallback[:, None], fallback_rater, rater)
+    counts = HostCounts(valid=n_valid, visual=n_visual, n_visual=n_visual.clone(),
+                        raters=max(1, int(n_instruction.max())))
+    return Layout(src=slots.clone(), pos=pos, valid=valid, visual=visual, rater=rater), counts
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -71,178 +169,140 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, flat)
 
 
-def initial_layout(hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> Layout:
-    """The layout of the prompt as given, with raters chosen (SPARSEVLM.md section 1).
-
-    hidden: [B, L, d] the layer-0 input; valid, visual: [B, L] bool.
-    """
-    batch, length = valid.shape
-    slots = torch.arange(length, device=valid.device).expand(batch, length)
-    visual = visual & valid
-    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-    first_visual = torch.where(visual, slots, length).min(1, keepdim=True).values
-    instruction = valid & ~visual & (slots > first_visual)
-    v_idx, v_ok = packed_indices(visual)
-    t_idx, t_ok = packed_indices(instruction)
-    rater = torch.zeros_like(valid)
-    if t_idx.shape[1]:
-        chosen = ref.select_raters(gather_rows(hidden, v_idx), gather_rows(hidden, t_idx), v_ok, t_ok)
-        rater.scatter_(1, t_idx, chosen & t_ok)
-    last_real = torch.where(valid, slots, -1).max(1).values
-    fallback = ~instruction.any(1) & visual.any(1) & (last_real >= 0)
-    fallback_rater = torch.zeros_like(valid).scatter_(1, last_real.clamp(min=0)[:, None], True)
-    rater = torch.where(fallback[:, None], fallback_rater, rater)
-    return Layout(src=slots.clone(), pos=pos, valid=valid, visual=visual, rater=rater)
+@dataclass
+class PruneResult:
+    hidden: torch.Tensor
+    layout: Layout
+    rope: Rope
+    counts: HostCounts
+    record: StepRecord
 
 
 class Pruner:
-    """Applies the configured method at each pruning layer (torch reference backend)."""
+    """Applies the configured method at each pruning layer, with the backend's ops."""
 
     def __init__(self, config: SparseVLMConfig, pruning_layers: tuple[int, ...], dims: DecoderDims,
                  scaling: float, inv_freq: torch.Tensor | None):
         self.config = config
         self.dims = dims
-        heads = dims.heads
         self.head_dim = dims.head_dim
         self.scaling = scaling
         self.inv_freq = inv_freq
+        if config.rope_gravity and inv_freq is None:
+            raise ValueError("rope_gravity needs the model's rotary inv_freq")
         if config.mode == "schedule":
             counts = config.keep_counts or schedule_counts(config.budget, config.schedule, len(pruning_layers))
             if len(counts) != len(pruning_layers):
                 raise ValueError(f"{len(counts)} keep counts for {len(pruning_layers)} pruning layers")
             self.counts = counts
-        n_priority = math.floor(config.priority_head_fraction * heads + 0.5)
+        n_priority = math.floor(config.priority_head_fraction * dims.heads + 0.5)
         self.n_priority = max(1, n_priority) if config.priority_heads else None
+        self.ops = None
+        self.gravity_table = None
 
-    def keep_counts(self, stage: int, present: torch.Tensor, n_visual: torch.Tensor,
-                    attention: torch.Tensor, rater_valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Visual tokens to keep per row [B] (before any recycling)."""
+    def start(self, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> tuple[Layout, HostCounts]:
+        """Pick the backend for this prefill's device, the raters and the gravity table."""
+        self.ops = ops_for(self.config.backend, hidden.device)
+        if self.config.rope_gravity:
+            self.gravity_table = self.ops.gravity_table(self.inv_freq.to(hidden.device), self.head_dim,
+                                                        hidden.shape[1])
+        return initial_layout(self.ops, hidden, valid, visual)
+
+    # ------------------------------------------------------------------ host-side counts
+    def plan(self, stage: int, counts: HostCounts, rank: torch.Tensor | None = None) -> Plan:
+        """Visual tokens to keep, recycling candidates and clusters per row, and the counts after."""
+        present = counts.visual
         if self.config.mode == "schedule":
-            target = scale_count(self.counts[stage], n_visual, self.config.reference_visual_tokens)
+            target = scale_count(self.counts[stage], counts.n_visual, self.config.reference_visual_tokens)
             full = torch.zeros_like(present, dtype=torch.bool)
         else:
             scale, bias = self.config.rank_coefficients
-            gram = ref.rater_gram(attention, rater_valid, weights)
-            rank = ref.numerical_rank(gram, rater_valid.sum(1), present)
             target = (rank.double() * scale + bias).floor().long()
             full = rank >= present
         keep = torch.minimum(target, present - 1).clamp(min=1)
         keep = torch.where(full | (present <= 1), present, keep)
-        return keep
+        pruned = present - keep
+        if self.config.recycling:
+            n_cand = torch.where(pruned > 0, (pruned.double() * self.config.recycle_ratio).floor().long() + 1, 0)
+            n_cand = torch.minimum(n_cand, pruned)
+            n_clusters = torch.where(n_cand > 0, n_cand // self.config.cluster_divisor + 1, 0)
+        else:
+            n_cand = n_clusters = torch.zeros_like(keep)
+        after = HostCounts(valid=counts.valid - pruned + n_clusters, visual=keep + n_clusters,
+                           n_visual=counts.n_visual, raters=counts.raters)
+        return Plan(keep=keep, n_cand=n_cand, n_clusters=n_clusters, after=after)
 
-    def relevance(self, scoring: ScoringInputs, layout: Layout, attn_module, rotary):
-        """rel [B, L], the rater attention a [B, H, R, L], rater_valid [B, R], head weights [B, H]."""
-        r_idx, r_ok = packed_indices(layout.rater & layout.valid)
-        batch, n_raters = r_idx.shape
-        x_r = gather_rows(scoring.x, r_idx)
-        q = attn_module.q_proj(x_r).view(batch, n_raters, -1, self.head_dim)
+    # ------------------------------------------------------------------ device work
+    def _rater_queries(self, scoring: ScoringInputs, r_slot: torch.Tensor, attn_module, rotary) -> torch.Tensor:
+        batch, n_raters = r_slot.shape
+        q = attn_module.q_proj(gather_rows(scoring.x, r_slot)).view(batch, n_raters, -1, self.head_dim)
         if hasattr(attn_module, "q_norm"):
             q = attn_module.q_norm(q)
         q = q.transpose(1, 2)
-        cos_r, sin_r = gather_rows(scoring.cos, r_idx), gather_rows(scoring.sin, r_idx)
-        q = rotary(q, q, cos_r, sin_r)[0]
-        keys = scoring.keys
-        if keys is None:
-            k = attn_module.k_proj(scoring.x).view(batch, scoring.x.shape[1], -1, self.head_dim)
-            if hasattr(attn_module, "k_norm"):
-                k = attn_module.k_norm(k)
-            k = k.transpose(1, 2)
-            keys = rotary(k, k, scoring.cos, scoring.sin)[0]
-        length = layout.valid.shape[1]
-        slots = torch.arange(length, device=r_idx.device)
-        visible = layout.valid[:, None, :] & (slots[None, None, :] <= r_idx[:, :, None]) & r_ok[:, :, None]
-        gravity = None
-        if self.config.rope_gravity:
-            if self.inv_freq is None:
-                raise ValueError("rope_gravity needs the model's rotary inv_freq")
-            delta = gather_rows(layout.pos, r_idx)[:, :, None] - layout.pos[:, None, :]
-            gravity = ref.rope_gravity(delta, self.inv_freq, self.head_dim)
-        visual_keys = layout.visual & layout.valid
-        a = ref.rater_attention(q, keys, visible, visual_keys, self.scaling, gravity)
-        weights = ref.head_weights(a, r_ok, self.n_priority)
-        return ref.relevance(a, r_ok, weights), a, r_ok, weights
+        return rotary(q, q, gather_rows(scoring.cos, r_slot), gather_rows(scoring.sin, r_slot))[0]
+
+    def _keys(self, scoring: ScoringInputs, attn_module, rotary) -> torch.Tensor:
+        if scoring.keys is not None:
+            return scoring.keys
+        batch, length = scoring.x.shape[:2]
+        k = attn_module.k_proj(scoring.x).view(batch, length, -1, self.head_dim)
+        if hasattr(attn_module, "k_norm"):
+            k = attn_module.k_norm(k)
+        k = k.transpose(1, 2)
+        return rotary(k, k, scoring.cos, scoring.sin)[0]
+
+    def _rank(self, gram: torch.Tensor, rater_valid: torch.Tensor, counts: HostCounts) -> torch.Tensor:
+        """rank(P) per row [B] on the host: the pass's one read-back (the Gram matrices, R x R)."""
+        raters = rater_valid.sum(1, keepdim=True).to(gram.dtype)
+        host = torch.cat([gram.flatten(1), raters], 1).cpu()
+        n = gram.shape[1]
+        return ref.numerical_rank(host[:, :-1].view(-1, n, n), host[:, -1].long(), counts.visual)
 
     def prune(self, stage: int, layer: int, hidden: torch.Tensor, layout: Layout, scoring: ScoringInputs,
-              n_visual: torch.Tensor, attn_module, rotary) -> PruneResult:
+              counts: HostCounts, rope: Rope, attn_module, rotary) -> PruneResult:
         """Prune the output hidden: [B, L, d] of a pruning layer; returns the compacted stage."""
-        rel, a, r_ok, weights = self.relevance(scoring, layout, attn_module, rotary)
-        present_mask = layout.visual & layout.valid
-        present = present_mask.sum(1)
-        keep = self.keep_counts(stage, present, n_visual, a, r_ok, weights)
-        forced = layout.rater & present_mask
-        kept = ref.topk_mask(rel.masked_fill(forced, float("inf")), present_mask, keep)
-        pruned = present_mask & ~kept
+        ops = self.ops
+        r_slot = ref.packed_slots(layout.rater & layout.valid, counts.raters)
+        r_ok = r_slot >= 0
+        r_slot = r_slot.clamp(min=0)
+        q = self._rater_queries(scoring, r_slot, attn_module, rotary)
+        keys = self._keys(scoring, attn_module, rotary)
+        visual_keys = layout.visual & layout.valid
+        gravity = None
+        if self.gravity_table is not None:
+            gravity = (self.gravity_table, layout.pos.gather(1, r_slot), layout.pos)
+        args = (q, keys, r_slot, r_ok, layout.valid, visual_keys, self.scaling)
+        head_rel = ops.head_relevance(*args, gravity=gravity)
+        weights = ref.head_weights(head_rel, self.n_priority)
+        rel = ref.relevance(head_rel, weights)
+        rank = None
+        if self.config.mode == "rank":
+            rank = self._rank(ops.rater_gram(*args, weights, gravity=gravity), r_ok, counts)
+        plan = self.plan(stage, counts, rank)
+        keep, n_cand, n_clusters = plan.on(hidden.device)
 
-        merged_h, merged_layout, recycled = self.recycle(hidden, layout, rel, pruned)
-        alive = layout.valid & (~layout.visual | kept)
-        pool_h = torch.cat([hidden, merged_h], 1)
-        pool = Layout(*(torch.cat([getattr(layout, f), getattr(merged_layout, f)], 1)
-                        for f in ("src", "pos", "valid", "visual", "rater")))
-        pool_alive = torch.cat([alive, merged_layout.valid], 1)
-        order = ref.compaction_order(pool_alive, pool.pos)
-        new_layout = pool.gather(order)
-        new_layout.valid = pool_alive.gather(1, order)
-        new_hidden = gather_rows(pool_h, order)
-
-        records = []
-        kept_pos = layout.pos.masked_fill(~kept, -1)
-        for b, (row, rec) in enumerate(zip(kept_pos.tolist(), recycled)):
-            records.append(PruningRecord(layer=layer, visual_before=int(present[b]), keep_count=int(keep[b]),
-                                         kept=tuple(p for p in row if p >= 0), recycled=tuple(rec)))
-        flops = [self._flops(int(r_ok[b].sum()), int(layout.valid[b].sum()), int(present[b]), recycled[b])
-                 for b in range(hidden.shape[0])]
-        return PruneResult(new_hidden, new_layout, records, flops)
-
-    def recycle(self, hidden: torch.Tensor, layout: Layout, rel: torch.Tensor, pruned: torch.Tensor):
-        """Merge the best pruned tokens (SPARSEVLM.md section 4).
-
-        Returns merged hidden [B, E, d], their layout [B, E] (valid marks real ones) and, per row,
-        the RecycledToken list for the trace.
-        """
-        batch = hidden.shape[0]
-        n_pruned = pruned.sum(1)
-        empty_layout = Layout(*(torch.zeros(batch, 0, dtype=t.dtype, device=t.device)
-                                for t in (layout.src, layout.pos, layout.valid, layout.visual, layout.rater)))
-        if not self.config.recycling or not bool(n_pruned.any()):
-            return hidden[:, :0], empty_layout, [[] for _ in range(batch)]
-        n_cand = torch.where(n_pruned > 0, (n_pruned.double() * self.config.recycle_ratio).floor().long() + 1, 0)
-        candidates = ref.topk_mask(rel, pruned, n_cand)
-        c_idx, c_ok = packed_indices(candidates)
-        rows_h, rows_src, rows_pos, rows_tokens = [], [], [], []
-        for b in range(batch):
-            n = int(c_ok[b].sum())
-            if n == 0:
-                rows_h.append(hidden.new_zeros(0, hidden.shape[2]))
-                rows_src.append([]), rows_pos.append([]), rows_tokens.append([])
-                continue
-            slots = c_idx[b, :n]
-            n_clusters = n // self.config.cluster_divisor + 1
-            centres, assign = ref.dpc_knn(hidden[b, slots], n_clusters)
-            rows_h.append(ref.merge_clusters(hidden[b, slots], assign, n_clusters))
-            positions = layout.pos[b, slots].tolist()
-            centre_slots = slots[centres]
-            rows_src.append(layout.src[b, centre_slots].tolist())
-            rows_pos.append(layout.pos[b, centre_slots].tolist())
-            members = [[] for _ in range(n_clusters)]
-            for i, cluster in enumerate(assign.tolist()):
-                members[cluster].append(positions[i])
-            rows_tokens.append([RecycledToken(centre=positions[int(c)], members=tuple(m))
-                                for c, m in zip(centres.tolist(), members)])
-        width = max(len(s) for s in rows_src)
-        merged = hidden.new_zeros(batch, width, hidden.shape[2])
-        src = torch.zeros(batch, width, dtype=layout.src.dtype, device=hidden.device)
-        pos = torch.zeros_like(src)
-        valid = torch.zeros(batch, width, dtype=torch.bool, device=hidden.device)
-        for b in range(batch):
-            n = len(rows_src[b])
-            merged[b, :n] = rows_h[b]
-            src[b, :n] = torch.tensor(rows_src[b], dtype=src.dtype)
-            pos[b, :n] = torch.tensor(rows_pos[b], dtype=pos.dtype)
-            valid[b, :n] = True
-        merged_layout = Layout(src=src, pos=pos, valid=valid, visual=valid.clone(), rater=torch.zeros_like(valid))
-        return merged, merged_layout, rows_tokens
-
-    def _flops(self, n_raters: int, n_keys: int, n_present: int, recycled: list) -> float:
-        n_cand = sum(len(t.members) for t in recycled)
-        return (scoring_flops(n_raters, n_keys, n_present, self.dims, gram=self.config.mode == "rank")
-                + clustering_flops(n_cand, self.dims.hidden))
+        scores = rel.masked_fill(layout.rater & visual_keys, float("inf"))  # a visual rater is never pruned
+        text = layout.valid & ~layout.visual
+        record = StepRecord(layer=layer, pos=layout.pos, kept=None, rater_valid=r_ok, before=counts, plan=plan)
+        merged = merged_slot = None
+        max_cand = int(plan.n_cand.max()) if plan.n_cand.numel() else 0
+        if max_cand == 0:
+            selection = ops.select_topk(scores, visual_keys, keep, int(plan.keep.max()), keep_also=text,
+                                        width=plan.width)
+            order, alive = selection.order, text | selection.kept
+        else:
+            selection = ops.select_topk(scores, visual_keys, keep, int(plan.keep.max()))
+            pruned = visual_keys & ~selection.kept
+            candidates = ops.select_topk(rel, pruned, n_cand, max_cand).kept_idx
+            merged, centres, assign = ops.recycle(hidden, candidates, n_cand, n_clusters, int(plan.n_clusters.max()))
+            merged_slot = torch.where(centres >= 0, candidates.gather(1, centres.clamp(min=0)), -1)
+            length = layout.valid.shape[1]
+            is_centre = torch.zeros(hidden.shape[0], length + 1, dtype=torch.bool, device=hidden.device)
+            is_centre = is_centre.scatter_(1, torch.where(merged_slot >= 0, merged_slot, length), True)[:, :length]
+            alive = text | selection.kept | is_centre
+            order = ops.compaction_order(alive, plan.width)
+            record.cand_idx, record.centres, record.assign = candidates, centres, assign
+        record.kept = selection.kept
+        out = ops.compact(order, hidden, layout.meta(alive), rope.cos, rope.sin, rope.position_ids, merged, merged_slot)
+        return PruneResult(hidden=out.hidden, layout=Layout.from_meta(out.meta),
+                           rope=Rope(out.cos, out.sin, out.position_ids), counts=plan.after, record=record)
