@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 import sparsevlm_engine as sve
 from sparsevlm_engine.accounting import DecoderDims, prefill_flops
