@@ -207,7 +207,7 @@ def bench_prune_step(model, config, repeats=20):
 
     inputs = llava_inputs(1)
     with torch.no_grad():
-        dense = timed(lambda: model(**inputs), warmup=3, rep=30)
+        dense = timed(lambda: model(**inputs), warmup=100, rep=500)
     original = Pruner.prune
     events = []
 
@@ -223,7 +223,7 @@ def bench_prune_step(model, config, repeats=20):
     sve.sparsify(model, config)
     try:
         with torch.no_grad():
-            sparse = timed(lambda: model(**inputs), warmup=3, rep=30)
+            sparse = timed(lambda: model(**inputs), warmup=100, rep=500)
             per_layer = []
             for _ in range(repeats):
                 events.clear()
