@@ -97,13 +97,13 @@ def test_a_pruning_step_synchronises_with_the_host_at_most_once(monkeypatch, pre
                 result = original(self, *args, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counted.append(sum("synchronizing" in str(w.message) for w in caught))
+        # only torch's per-operation warning; setting the mode itself warns once per process
+        counted.append(sum("called a synchronizing CUDA operation" in str(w.message) for w in caught))
         return result
 
     sve.sparsify(model, PRESETS[preset].with_(backend="auto"))
     with torch.no_grad():
-        for _ in range(2):  # warm-up: kernel compilation and the first pinned host buffers sync once
-            model(**inputs)
+        model(**inputs)  # warm-up: kernel compilation
         monkeypatch.setattr(Pruner, "prune", counting_prune)
         model(**inputs)
     assert counted == [expected_syncs] * len(sve.last_trace(model).pruning_layers)
