@@ -18,7 +18,7 @@ BLOCK_SLOTS = 1024
 BLOCK_W = 8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "W"])
 def _order_kernel(alive_ptr, order_ptr, L, W, BLOCK: tl.constexpr):
     """Row b: alive slots in slot order, right-aligned in W, after the last W - n_alive dead slots."""
     b = tl.program_id(0).to(tl.int64)
@@ -47,7 +47,7 @@ def _order_kernel(alive_ptr, order_ptr, L, W, BLOCK: tl.constexpr):
         dead_before += dead.to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "W", "L0"])
 def _compact_kernel(
     order_ptr, hidden_ptr, replace_ptr, merged_ptr, meta_ptr, cos_ptr, sin_ptr, pid_ptr,
     out_hidden_ptr, out_meta_ptr, out_cos_ptr, out_sin_ptr, out_pid_ptr,

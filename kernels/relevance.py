@@ -43,7 +43,7 @@ def _load_queries(q_ptr, b, h, offs_r, offs_d, stride_qb, stride_qh, stride_qr, 
     return q
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "L"])
 def _rater_lse_kernel(
     q_ptr, k_ptr, slot_ptr, rvalid_ptr, kvalid_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kl,
@@ -91,7 +91,7 @@ def _rater_probs(q, k_ptrs, k_mask, lse_log2, visible, scale_log2, gravity_ptr, 
     return tl.where(visible, p, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "L", "n_gravity"])
 def _head_relevance_kernel(
     q_ptr, k_ptr, slot_ptr, rvalid_ptr, kvalid_ptr, visual_ptr, lse_ptr, gravity_ptr, rpos_ptr, kpos_ptr, out_ptr,
     stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kl,
@@ -150,7 +150,7 @@ def _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, b, offs_r, r_ok, s
     return rows
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "L", "n_gravity"])
 def _rater_gram_kernel(
     q_ptr, k_ptr, slot_ptr, rvalid_ptr, kvalid_ptr, visual_ptr, lse_ptr, w_ptr, gravity_ptr, rpos_ptr, kpos_ptr,
     out_ptr,

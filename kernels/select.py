@@ -35,7 +35,7 @@ def _row_keys(scores_ptr, cand_ptr, b, offs, L):
     return cand, key
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "K"])
 def _topk_kernel(scores_ptr, cand_ptr, k_ptr, kept_ptr, idx_ptr, L, K,
                  BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
