@@ -15,6 +15,27 @@ import triton.language as tl
 from ._launch import check_device, check_float, check_shape, next_pow2, upcast_bf16
 
 
+@triton.jit
+def _block_logits(v_base, t_base, tvalid_base, offs_t, in_t, in_v, offs_d0, stride_vd, stride_tn, stride_td,
+                  stride_tvn, D, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """V T^T for a block of visual rows and text columns: [BLOCK_V, BLOCK_T] fp32, -inf at invalid text."""
+    logits = tl.zeros([BLOCK_V, BLOCK_T], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + offs_d0
+        in_d = offs_d < D
+        v = tl.load(v_base + offs_d[None, :] * stride_vd, mask=in_v[:, None] & in_d[None, :], other=0.0)
+        t = tl.load(t_base + offs_t.to(tl.int64)[None, :] * stride_tn + offs_d[:, None] * stride_td,
+                    mask=in_d[:, None] & in_t[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+            t = t.to(tl.float32)
+        logits = tl.dot(v, t, logits, input_precision=DOT_PRECISION)
+    col_valid = tl.load(tvalid_base + offs_t * stride_tvn, mask=in_t, other=0) != 0
+    logits = tl.where(col_valid[None, :], logits, float("-inf"))
+    return logits
+
+
 @triton.jit(do_not_specialize=["stride_vb", "stride_tb", "stride_vvb", "stride_tvb", "stride_pb", "stride_pk",
                                "NV", "NT"])
 def _rater_colsum_kernel(
@@ -47,19 +68,8 @@ def _rater_colsum_kernel(
     for t0 in range(0, NT, BLOCK_T):
         offs_t = t0 + offs_t0
         in_t = offs_t < NT
-        logits = tl.zeros([BLOCK_V, BLOCK_T], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + offs_d0
-            in_d = offs_d < D
-            v = tl.load(v_base + offs_d[None, :] * stride_vd, mask=in_v[:, None] & in_d[None, :], other=0.0)
-            t = tl.load(t_base + offs_t.to(tl.int64)[None, :] * stride_tn + offs_d[:, None] * stride_td,
-                        mask=in_d[:, None] & in_t[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-                t = t.to(tl.float32)
-            logits = tl.dot(v, t, logits, input_precision=DOT_PRECISION)
-        col_valid = tl.load(tvalid_base + offs_t * stride_tvn, mask=in_t, other=0) != 0
-        logits = tl.where(col_valid[None, :], logits, float("-inf"))
+        logits = _block_logits(v_base, t_base, tvalid_base, offs_t, in_t, in_v, offs_d0, stride_vd, stride_tn,
+                               stride_td, stride_tvn, D, BLOCK_V, BLOCK_T, BLOCK_D, UPCAST, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(logits, 1))
         # A row that has seen no valid text yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -75,19 +85,8 @@ def _rater_colsum_kernel(
     for t0 in range(0, NT, BLOCK_T):
         offs_t = t0 + offs_t0
         in_t = offs_t < NT
-        logits = tl.zeros([BLOCK_V, BLOCK_T], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + offs_d0
-            in_d = offs_d < D
-            v = tl.load(v_base + offs_d[None, :] * stride_vd, mask=in_v[:, None] & in_d[None, :], other=0.0)
-            t = tl.load(t_base + offs_t.to(tl.int64)[None, :] * stride_tn + offs_d[:, None] * stride_td,
-                        mask=in_d[:, None] & in_t[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-                t = t.to(tl.float32)
-            logits = tl.dot(v, t, logits, input_precision=DOT_PRECISION)
-        col_valid = tl.load(tvalid_base + offs_t * stride_tvn, mask=in_t, other=0) != 0
-        logits = tl.where(col_valid[None, :], logits, float("-inf"))
+        logits = _block_logits(v_base, t_base, tvalid_base, offs_t, in_t, in_v, offs_d0, stride_vd, stride_tn,
+                               stride_td, stride_tvn, D, BLOCK_V, BLOCK_T, BLOCK_D, UPCAST, DOT_PRECISION)
         probs = tl.exp(logits - m_shift[:, None]) * inv_l[:, None]
         tl.store(partial_base + offs_t, tl.sum(probs, 0), mask=in_t)
 
