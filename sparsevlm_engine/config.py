@@ -16,6 +16,9 @@ class SparseVLMConfig:
 
     budget: target visual tokens, expressed for LLaVA-1.5's 576 visual tokens; a sample with
         n_v visual tokens gets every count scaled by n_v / 576. A budget >= 576 prunes nothing.
+    keep_fraction: instead of budget, the share of each sample's visual tokens to keep on
+        average over the layers (schedule mode): 0.25 keeps what budget 144 keeps of 576 tokens,
+        whatever the sample's count (a Qwen2-VL image of any size). 1.0 prunes nothing.
     mode: "schedule" (fixed counts after each pruning layer, v1.5 / v2.0) or "rank" (v1:
         keep = int(rank(P) * rank_scale + rank_bias)).
     schedule: "v1.5" or "v2.0", the published table the counts come from (schedule mode).
@@ -31,6 +34,7 @@ class SparseVLMConfig:
     """
 
     budget: int = 128
+    keep_fraction: float | None = None
     mode: str = "schedule"
     schedule: str = "v1.5"
     keep_counts: tuple[int, ...] | None = None
@@ -51,6 +55,11 @@ class SparseVLMConfig:
             raise ValueError(f"budget must be an int, got {self.budget!r}")
         if self.budget <= 0:
             raise ValueError(f"budget must be > 0, got {self.budget}")
+        if self.keep_fraction is not None:
+            if isinstance(self.keep_fraction, bool) or not 0.0 < float(self.keep_fraction) <= 1.0:
+                raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction!r}")
+            if self.mode != "schedule":
+                raise ValueError("keep_fraction needs schedule mode: rank mode's coefficients are published per budget")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.schedule not in SCHEDULE_TABLES:
@@ -82,7 +91,7 @@ class SparseVLMConfig:
                         f"got budget {self.budget}: pass rank_scale and rank_bias"
                     )
         if self.mode == "schedule" and self.keep_counts is None and self.prunes:
-            derive_schedule(self.budget, self.schedule)  # raises for a budget no schedule can reach
+            derive_schedule(self.schedule_budget, self.schedule)  # raises for a budget no schedule can reach
         if not 0.0 < self.recycle_ratio <= 1.0:
             raise ValueError(f"recycle_ratio must be in (0, 1], got {self.recycle_ratio}")
         if self.cluster_divisor < 1:
@@ -95,7 +104,14 @@ class SparseVLMConfig:
     @property
     def prunes(self) -> bool:
         """False when the budget covers every visual token (the model then runs dense)."""
-        return self.budget < self.reference_visual_tokens
+        return self.schedule_budget < self.reference_visual_tokens
+
+    @property
+    def schedule_budget(self) -> float:
+        """The budget in visual tokens of 576: budget, or keep_fraction * 576."""
+        if self.keep_fraction is None:
+            return self.budget
+        return round(float(self.keep_fraction) * self.reference_visual_tokens, 6)
 
     @property
     def rank_coefficients(self) -> tuple[float, float]:

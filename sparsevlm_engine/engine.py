@@ -22,7 +22,7 @@ from torch import nn
 
 from .accounting import DecoderDims, prefill_flops, rater_selection_flops
 from .config import SparseVLMConfig
-from .families import Family, UnsupportedModelError, family_of, rotary_functions
+from .families import Family, UnsupportedModelError, family_of, rope_rows, rotary_functions
 from .masks import decode_mask, prefill_mask
 from .pruning import HostCounts, Layout, Pruner, Rope, ScoringInputs, StepRecord
 from .schedule import default_pruning_layers
@@ -78,6 +78,11 @@ def _cache_length(cache) -> int:
     return int(cache.get_seq_length())
 
 
+def _batched(rope: torch.Tensor, batch: int) -> torch.Tensor:
+    """cos / sin [B or 1, L, D] or [P, B or 1, L, D] with the batch dimension expanded to batch."""
+    return rope.expand(*rope.shape[:-3], batch, *rope.shape[-2:])
+
+
 def _layer_keys(cache, layer: int, length: int):
     """Post-RoPE keys [B, H_kv, L, D] a cache holds for a layer, when it holds exactly this prefill."""
     layers = getattr(cache, "layers", None)
@@ -114,7 +119,8 @@ class SparseEngine:
         attn = self.layers[self.pruning_layers[0]].self_attn
         inv_freq = getattr(getattr(self.decoder, "rotary_emb", None), "inv_freq", None)
         self.rotary = rotary_functions(attn)
-        self.pruner = Pruner(config, self.pruning_layers, self.dims, float(attn.scaling), inv_freq)
+        self.sections = family.mrope_sections(text_config)
+        self.pruner = Pruner(config, self.pruning_layers, self.dims, float(attn.scaling), inv_freq, self.sections)
         self.layer_stage = [sum(p < layer for p in self.pruning_layers) for layer in range(self.depth)]
         self.handles: list = []
         self.phase = "idle"
@@ -137,6 +143,8 @@ class SparseEngine:
     # ----------------------------------------------------------------- installation
     def install(self) -> None:
         self.handles.append(self.outer.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        if self.sections is not None:
+            self.handles.append(self.decoder.register_forward_pre_hook(self._keep_mrope_ids, with_kwargs=True))
         for index, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(
                 functools.partial(self._before_layer, index), with_kwargs=True))
@@ -172,6 +180,8 @@ class SparseEngine:
             self.pending = {"mask": attention_mask, "length": q_len}
             visual = self.family.visual_mask(self.model, input_ids, embeds)
             self.pending["visual"] = visual
+            if bool(visual.any()):
+                self.family.check_positions(self.model, {**kwargs, "input_ids": input_ids})
             self.phase = "prefill" if (q_len > 1 and self.config.prunes and bool(visual.any())) else "dense"
             self.prefill = None
             if self.phase == "dense":
@@ -192,6 +202,13 @@ class SparseEngine:
             self.phase = "decode"
         else:
             self.phase = "dense"
+        return None
+
+    def _keep_mrope_ids(self, module, args, kwargs):
+        """The 3-D position ids [3, B, L] the multimodal model computed (RoPE gravity needs them)."""
+        if self.phase == "prefill":
+            pid = kwargs.get("position_ids")
+            self.pending["mrope_ids"] = pid[-3:] if pid is not None and pid.dim() == 3 else None
         return None
 
     # ----------------------------------------------------------------- layers
@@ -226,10 +243,10 @@ class SparseEngine:
             else mask2d.to(device=hidden.device, dtype=torch.bool)
         visual = self.pending["visual"].to(hidden.device)
         state = _Prefill(visual & valid, valid, length)
-        layout, state.counts = self.pruner.start(hidden, valid, visual)
+        layout, state.counts = self.pruner.start(hidden, valid, visual, self.pending.get("mrope_ids"))
         cos, sin = kwargs["position_embeddings"]
         pid = kwargs.get("position_ids")
-        state.rope = Rope(cos.expand(batch, *cos.shape[1:]), sin.expand(batch, *sin.shape[1:]),
+        state.rope = Rope(_batched(cos, batch), _batched(sin, batch),
                           None if pid is None else pid.expand(batch, pid.shape[-1]))
         cache = kwargs.get("past_key_values")
         state.cache_ref = weakref.ref(cache) if cache is not None else None
@@ -240,9 +257,8 @@ class SparseEngine:
         if self.phase != "prefill":
             return None
         x = kwargs.get("hidden_states", args[0] if args else None)
-        cos, sin = kwargs["position_embeddings"]
-        self.prefill.scoring = ScoringInputs(x=x, cos=cos.expand(x.shape[0], *cos.shape[1:]),
-                                             sin=sin.expand(x.shape[0], *sin.shape[1:]), keys=None)
+        cos, sin = (_batched(rope_rows(t, self.sections), x.shape[0]) for t in kwargs["position_embeddings"])
+        self.prefill.scoring = ScoringInputs(x=x, cos=cos, sin=sin, keys=None)
         self.prefill.scoring_cache = kwargs.get("past_key_values")
         return None
 

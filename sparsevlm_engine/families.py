@@ -1,6 +1,7 @@
 """Model families the engine knows: where their decoder is and how they mark visual tokens."""
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -18,13 +19,15 @@ class Family:
 
     name: readable name; model_type: config.model_type; model_class: the transformers class
     that loads a checkpoint of the family; visual_token_attrs: config attributes
-    holding the token ids of visual placeholders (image, video).
+    holding the token ids of visual placeholders (image, video); mrope: whether the decoder
+    uses multimodal RoPE (3-D position ids, Qwen2-VL).
     """
 
     name: str
     model_type: str
     model_class: str
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
+    mrope: bool = False
 
     def multimodal_model(self, model: nn.Module) -> nn.Module:
         """The module whose forward receives input_ids and calls the language model."""
@@ -71,10 +74,59 @@ class Family:
         return mask
 
 
+    def mrope_sections(self, text_config) -> tuple[int, ...] | None:
+        """Frequency pairs per mRoPE axis (t, h, w), or None for 1-D RoPE."""
+        if not self.mrope:
+            return None
+        params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        sections = params.get("mrope_section")
+        if not sections:
+            raise UnsupportedModelError(f"{self.name}: the text config names no mrope_section")
+        return tuple(int(s) for s in sections)
+
+    def check_positions(self, model: nn.Module, kwargs: dict) -> None:
+        """Raise unless an mRoPE prefill with visual tokens will get its 3-D position ids.
+
+        The model computes them from input_ids and the image / video grids (and, in
+        transformers 5, mm_token_type_ids); without them it, or generate, silently falls back to
+        1-D positions. Explicit position_ids are trusted unless token types are missing.
+        """
+        if not self.mrope:
+            return
+        missing = []
+        has_ids = kwargs.get("input_ids") is not None
+        rope_index = getattr(self.multimodal_model(model), "get_rope_index", None)
+        if (has_ids and rope_index is not None and "mm_token_type_ids" in inspect.signature(rope_index).parameters
+                and kwargs.get("mm_token_type_ids") is None):
+            missing.append("mm_token_type_ids (returned by the processor with input_ids)")
+        if kwargs.get("position_ids") is None:
+            if not has_ids:
+                missing.append("input_ids")
+            if kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None:
+                missing.append("image_grid_thw or video_grid_thw")
+        if missing:
+            raise ValueError(
+                f"{self.name}: the prompt has visual tokens but the model would not get their 3-D mRoPE "
+                f"position ids: pass {', '.join(missing)}, or position_ids [3, B, L]")
+
+
+def rope_rows(rope: torch.Tensor, sections: tuple[int, ...] | None) -> torch.Tensor:
+    """cos or sin as the rows [B, L, D] the attention multiplies by.
+
+    transformers 4.57 hands Qwen2-VL layers one plane per mRoPE axis, [3, B, L, D], and mixes
+    them inside the attention; transformers 5 mixes them in the rotary module.
+    """
+    if rope.dim() == 3:
+        return rope
+    return torch.cat([part[i % 3] for i, part in enumerate(rope.split(list(sections) * 2, dim=-1))], dim=-1)
+
+
 def rotary_functions(attention: nn.Module):
-    """The apply_rotary_pos_emb the attention module's own file uses."""
+    """apply_rotary_pos_emb(q, k, cos [B, L, D], sin [B, L, D]) for the attention's rows."""
     module = sys.modules[type(attention).__module__]
     fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is None and hasattr(module, "apply_multimodal_rotary_pos_emb"):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as fn
     if fn is None:
         raise UnsupportedModelError(f"{type(attention).__name__}: no apply_rotary_pos_emb in {module.__name__}")
     return fn
@@ -84,6 +136,10 @@ FAMILIES: dict[str, Family] = {
     "llava": Family("LLaVA-1.5 (LlavaForConditionalGeneration)", "llava", "LlavaForConditionalGeneration"),
     "llava_next": Family("LLaVA-NeXT (LlavaNextForConditionalGeneration)", "llava_next",
                          "LlavaNextForConditionalGeneration"),
+    "qwen2_vl": Family("Qwen2-VL (Qwen2VLForConditionalGeneration)", "qwen2_vl", "Qwen2VLForConditionalGeneration",
+                       ("image_token_id", "video_token_id"), mrope=True),
+    "qwen2_5_vl": Family("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)", "qwen2_5_vl",
+                         "Qwen2_5_VLForConditionalGeneration", ("image_token_id", "video_token_id"), mrope=True),
 }
 
 

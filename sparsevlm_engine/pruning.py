@@ -182,7 +182,7 @@ class Pruner:
     """Applies the configured method at each pruning layer, with the backend's ops."""
 
     def __init__(self, config: SparseVLMConfig, pruning_layers: tuple[int, ...], dims: DecoderDims,
-                 scaling: float, inv_freq: torch.Tensor | None):
+                 scaling: float, inv_freq: torch.Tensor | None, sections: tuple[int, ...] | None = None):
         self.config = config
         self.dims = dims
         self.head_dim = dims.head_dim
@@ -191,22 +191,42 @@ class Pruner:
         if config.rope_gravity and inv_freq is None:
             raise ValueError("rope_gravity needs the model's rotary inv_freq")
         if config.mode == "schedule":
-            counts = config.keep_counts or schedule_counts(config.budget, config.schedule, len(pruning_layers))
+            counts = config.keep_counts or schedule_counts(config.schedule_budget, config.schedule, len(pruning_layers))
             if len(counts) != len(pruning_layers):
                 raise ValueError(f"{len(counts)} keep counts for {len(pruning_layers)} pruning layers")
             self.counts = counts
         n_priority = math.floor(config.priority_head_fraction * dims.heads + 0.5)
         self.n_priority = max(1, n_priority) if config.priority_heads else None
+        self.sections = sections
         self.ops = None
         self.gravity_table = None
+        self.mrope_ids = None
 
-    def start(self, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> tuple[Layout, HostCounts]:
-        """Pick the backend for this prefill's device, the raters and the gravity table."""
+    def start(self, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor,
+              mrope_ids: torch.Tensor | None = None) -> tuple[Layout, HostCounts]:
+        """Pick the backend for this prefill's device, the raters and the gravity table.
+        mrope_ids: [3, B, L] the prompt's 3-D position ids (mRoPE models)."""
         self.ops = ops_for(self.config.backend, hidden.device)
+        self.mrope_ids = None
         if self.config.rope_gravity:
-            self.gravity_table = self.ops.gravity_table(self.inv_freq.to(hidden.device), self.head_dim,
-                                                        hidden.shape[1])
+            size = hidden.shape[1]
+            if self.sections is not None:
+                if mrope_ids is None:
+                    raise ValueError("RoPE gravity on an mRoPE model needs the prompt's 3-D position ids")
+                self.mrope_ids = mrope_ids.to(hidden.device).expand(3, hidden.shape[0], -1)
+                size = max(size, int(self.mrope_ids.max()) + 1)  # video time ids can exceed the length
+            self.gravity_table = self.ops.gravity_table(self.inv_freq.to(hidden.device), self.head_dim, size,
+                                                        self.sections)
         return initial_layout(self.ops, hidden, valid, visual)
+
+    def _gravity(self, layout: Layout, r_slot: torch.Tensor):
+        """(table [S, T], rater positions [S, B, R], key positions [S, B, L]) of the current layout."""
+        if self.mrope_ids is None:
+            key_pos = layout.pos[None]
+        else:
+            key_pos = self.mrope_ids.gather(2, layout.src[None].expand(3, -1, -1))
+        rater_pos = key_pos.gather(2, r_slot[None].expand(key_pos.shape[0], -1, -1))
+        return self.gravity_table, rater_pos, key_pos
 
     # ------------------------------------------------------------------ host-side counts
     def plan(self, stage: int, counts: HostCounts, rank: torch.Tensor | None = None) -> Plan:
@@ -268,9 +288,7 @@ class Pruner:
         q = self._rater_queries(scoring, r_slot, attn_module, rotary)
         keys = self._keys(scoring, attn_module, rotary)
         visual_keys = layout.visual & layout.valid
-        gravity = None
-        if self.gravity_table is not None:
-            gravity = (self.gravity_table, layout.pos.gather(1, r_slot), layout.pos)
+        gravity = self._gravity(layout, r_slot) if self.gravity_table is not None else None
         args = (q, keys, r_slot, r_ok, layout.valid, visual_keys, self.scaling)
         head_rel = ops.head_relevance(*args, gravity=gravity)
         weights = ref.head_weights(head_rel, self.n_priority)

@@ -95,3 +95,99 @@ def llava_next_prompts(model, image_sizes, before=(3,), after=(5,), seed=1, imag
         seqs.append(seq + _ids(g, b))
     ids, mask = left_pad(seqs)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}, counts
+
+
+# ---------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+QWEN_VOCAB = 160
+QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_START, QWEN_VISION_END = 150, 151, 152, 153
+QWEN_PATCH, QWEN_TEMPORAL, QWEN_MERGE = 2, 2, 2
+QWEN_PATCH_DIM = 3 * QWEN_TEMPORAL * QWEN_PATCH * QWEN_PATCH
+
+
+def tiny_qwen(family: str = "qwen2_vl", impl: str = "eager", seed: int = 0, layers: int = 8, dtype=torch.float32):
+    """Qwen2-VL / Qwen2.5-VL in miniature: patch 2, temporal patch 2, 2x2 merge, mRoPE sections
+    (2, 1, 1) over the 4 frequency pairs of 8-wide heads, 8 decoder layers."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=QWEN_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, pad_token_id=PAD,
+                bos_token_id=1, eos_token_id=2)
+    common = dict(patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL, spatial_merge_size=QWEN_MERGE,
+                  in_channels=3, num_heads=2, depth=1)
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
+               vision_end_token_id=QWEN_VISION_END, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    if family == "qwen2_vl":
+        vision = dict(embed_dim=16, hidden_size=32, mlp_ratio=2, **common)
+        cfg, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(hidden_size=16, intermediate_size=32, out_hidden_size=32, window_size=8,
+                      fullatt_block_indexes=[0], tokens_per_second=2, **common)
+        cfg, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), Qwen2_5_VLForConditionalGeneration
+    return _finish(cls, cfg, impl, dtype)
+
+
+def _qwen_ids(generator, n):
+    return torch.randint(3, 140, (n,), generator=generator).tolist()
+
+
+def qwen_prompts(media, before=(3,), after=(5,), seed=1):
+    """Qwen prompts [text, <vision_start> pads <vision_end> ..., text], left padded, as the processor
+    lays them out. media: per prompt a list of ("image", (h, w)) or ("video", (t, h, w)) in patches
+    of the vision tower (h, w even); each gives t*h*w/4 visual tokens."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, types, grids = [], [], {"image": [], "video": []}
+    for items, a, b in zip(media, before, after):
+        seq = [1] + _qwen_ids(g, a)
+        for k, (kind, shape) in enumerate(items):
+            thw = (1, *shape) if kind == "image" else tuple(shape)
+            grids[kind].append(thw)
+            n = thw[0] * thw[1] * thw[2] // QWEN_MERGE ** 2
+            token = QWEN_IMAGE if kind == "image" else QWEN_VIDEO
+            seq += (_qwen_ids(g, 2) if k else []) + [QWEN_VISION_START] + [token] * n + [QWEN_VISION_END]
+        seqs.append(seq + _qwen_ids(g, b))
+    ids, mask = left_pad(seqs)
+    kind_of = torch.zeros_like(ids)
+    kind_of[ids == QWEN_IMAGE] = 1
+    kind_of[ids == QWEN_VIDEO] = 2
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if grids[kind]:
+            thw = torch.tensor(grids[kind])
+            inputs[key] = torch.randn(int(thw.prod(1).sum()), QWEN_PATCH_DIM, generator=g)
+            inputs[f"{kind}_grid_thw"] = thw
+    return inputs, kind_of
+
+
+def with_token_types(inputs: dict, kind_of: torch.Tensor) -> dict:
+    """Add mm_token_type_ids where the installed transformers takes them (5.x)."""
+    import inspect
+
+    from transformers import Qwen2VLModel
+
+    if "mm_token_type_ids" in inspect.signature(Qwen2VLModel.get_rope_index).parameters:
+        return {**inputs, "mm_token_type_ids": kind_of}
+    return inputs
+
+
+def qwen_single(inputs: dict, b: int) -> dict:
+    """Row b of a qwen_prompts batch on its own: padding removed, its own images and videos."""
+    real = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b:b + 1, real] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
+    for kind, token, key in (("image", QWEN_IMAGE, "pixel_values"), ("video", QWEN_VIDEO, "pixel_values_videos")):
+        if f"{kind}_grid_thw" not in inputs:
+            continue
+        ids = inputs["input_ids"]
+        starts = (ids == token) & ~torch.nn.functional.pad(ids == token, (1, 0))[:, :-1]
+        spans = starts.sum(1).tolist()
+        first, count = sum(spans[:b]), spans[b]
+        if not count:
+            continue
+        thw = inputs[f"{kind}_grid_thw"]
+        rows = thw.prod(1).tolist()
+        begin = sum(rows[:first])
+        out[key] = inputs[key][begin:begin + sum(rows[first:first + count])]
+        out[f"{kind}_grid_thw"] = thw[first:first + count]
+    return out

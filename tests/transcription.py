@@ -11,22 +11,47 @@ import torch
 from sparsevlm_engine.schedule import schedule_counts
 
 
-def _rotary(attn):
-    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+def _rotate(attn, q, k, cos, sin):
+    """The attention's own RoPE: transformers 4.57 Qwen2-VL mixes the 3 mRoPE planes in the attention."""
+    module = sys.modules[type(attn).__module__]
+    if cos.dim() == 4:
+        return module.apply_multimodal_rotary_pos_emb(q, k, cos, sin, attn.rope_scaling["mrope_section"])
+    return module.apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def _mrope_sections(config):
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("mrope_section")
 
 
 def _layer0_input(model, inputs):
+    """The layer-0 input [L, d] and each token's RoPE position: an int, or (t, h, w) under mRoPE."""
     captured = {}
-    layer0 = model.model.language_model.layers[0]
+    lm = model.model.language_model
 
     def grab(module, args, kwargs):
         captured["h"] = (args[0] if args else kwargs["hidden_states"])[0].float()
 
-    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    def grab_positions(module, args, kwargs):
+        pid = kwargs.get("position_ids")
+        captured["pid"] = None if pid is None else pid[-3:, 0].T.tolist()
+
+    handles = [lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)]
+    if _mrope_sections(lm.config):
+        handles.append(lm.register_forward_pre_hook(grab_positions, with_kwargs=True))
     with torch.no_grad():
         model(**inputs)
-    handle.remove()
-    return captured["h"]
+    for handle in handles:
+        handle.remove()
+    n = captured["h"].shape[0]
+    ropes = [tuple(p) for p in captured["pid"]] if captured.get("pid") else list(range(n))
+    return captured["h"], ropes
+
+
+def _rope_ids(ropes):
+    """position_ids for the rotary module: [1, n], or [3, 1, n] under mRoPE."""
+    ids = torch.tensor([ropes])
+    return ids.permute(2, 0, 1) if ids.dim() == 3 else ids
 
 
 def choose_raters(h0, visual, instruction, last):
@@ -40,23 +65,28 @@ def choose_raters(h0, visual, instruction, last):
     return raters or list(instruction)
 
 
-def full_attention(layer, h, positions, rotary_emb):
+def full_attention(layer, h, ropes, rotary_emb):
     """softmax(q k^T / sqrt(d) + causal) of every head: [H, n, n]."""
     attn = layer.self_attn
     x = layer.input_layernorm(h[None])
     n, hd = h.shape[0], attn.head_dim
-    cos, sin = rotary_emb(x, torch.tensor([positions]))
+    cos, sin = rotary_emb(x, _rope_ids(ropes))
     q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
     k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
-    q, k = _rotary(attn)(q, k, cos, sin)
+    q, k = _rotate(attn, q, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q @ k.transpose(-1, -2))[0].float() / math.sqrt(hd)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
 
 
-def gravity(delta, inv_freq, hd):
-    g = sum(2 * math.cos(delta * th) for th in inv_freq.tolist()) / math.sqrt(hd)
+def gravity(query, key, inv_freq, hd, sections=None):
+    """All-ones query and key logit after RoPE; under mRoPE pair p turns with its section's axis."""
+    if sections is None:
+        axis_of, query, key = [0] * inv_freq.numel(), (query,), (key,)
+    else:
+        axis_of = [axis for axis, size in enumerate(sections) for _ in range(size)]
+    g = sum(2 * math.cos((query[a] - key[a]) * th) for a, th in zip(axis_of, inv_freq.tolist())) / math.sqrt(hd)
     return math.copysign(max(abs(g), 1e-6), g) if g != 0 else 1e-6
 
 
@@ -85,23 +115,25 @@ def transcribe(model, inputs, config, pruning_layers):
     """Kept positions (and recycled centre -> members) after each pruning layer, one sample."""
     lm = model.model.language_model
     ids = inputs["input_ids"][0].tolist()
-    image_id = model.config.image_token_id
-    visual0 = [p for p, t in enumerate(ids) if t == image_id]
-    h = _layer0_input(model, inputs)
+    visual_ids = {getattr(model.config, a, None) for a in ("image_token_id", "video_token_id")} - {None}
+    visual0 = [p for p, t in enumerate(ids) if t in visual_ids]
+    h, ropes = _layer0_input(model, inputs)
+    sections = _mrope_sections(lm.config)
     first = visual0[0]
     instruction = [p for p in range(first + 1, len(ids)) if p not in visual0]
     raters = choose_raters(h, visual0, instruction, len(ids) - 1)
-    tokens = [{"pos": p, "visual": p in visual0} for p in range(len(ids))]
+    tokens = [{"pos": p, "rope": ropes[p], "visual": p in visual0} for p in range(len(ids))]
     heads = lm.config.num_attention_heads
     results = []
     stage = 0
     with torch.no_grad():
         for index, layer in enumerate(lm.layers[: pruning_layers[-1] + 1]):
-            positions = [t["pos"] for t in tokens]
+            positions = [t["rope"] for t in tokens]
             n = len(tokens)
-            cos, sin = lm.rotary_emb(h[None], torch.tensor([positions]))
+            cos, sin = lm.rotary_emb(h[None], _rope_ids(positions))
             mask = torch.zeros(1, 1, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
-            out = layer(h[None], attention_mask=mask, position_ids=torch.tensor([positions]), position_embeddings=(cos, sin))
+            out = layer(h[None], attention_mask=mask, position_ids=None if sections else _rope_ids(positions),
+                        position_embeddings=(cos, sin))
             out = (out[0] if isinstance(out, tuple) else out)[0]
             if index not in pruning_layers:
                 h = out
@@ -112,7 +144,8 @@ def transcribe(model, inputs, config, pruning_layers):
             P = A[:, rows][:, :, vis]
             if config.rope_gravity:
                 inv = lm.rotary_emb.inv_freq
-                G = torch.tensor([[gravity(positions[r] - positions[v], inv, layer.self_attn.head_dim) for v in vis] for r in rows])
+                G = torch.tensor([[gravity(positions[r], positions[v], inv, layer.self_attn.head_dim, sections)
+                                   for v in vis] for r in rows])
                 P = P / G[None]
             head_ids = list(range(heads))
             if config.priority_heads:
@@ -123,7 +156,7 @@ def transcribe(model, inputs, config, pruning_layers):
             rel = P.mean(0).tolist()
             present = len(vis)
             if config.mode == "schedule":
-                counts = config.keep_counts or schedule_counts(config.budget, config.schedule, len(pruning_layers))
+                counts = config.keep_counts or schedule_counts(config.schedule_budget, config.schedule, len(pruning_layers))
                 keep = max(1, round(counts[stage] * len(visual0) / 576))
                 keep = max(1, min(keep, present - 1))
             else:
@@ -145,8 +178,9 @@ def transcribe(model, inputs, config, pruning_layers):
                 for k, centre in enumerate(centres):
                     members = [cand[i] for i in range(len(cand)) if assign[i] == k]
                     merged = torch.stack([out[vis[j]].float() for j in members]).mean(0).to(out.dtype)
-                    centre_pos = tokens[vis[cand[centre]]]["pos"]
-                    new_tokens.append(({"pos": centre_pos, "visual": True}, merged))
+                    centre = tokens[vis[cand[centre]]]
+                    centre_pos = centre["pos"]
+                    new_tokens.append(({"pos": centre_pos, "rope": centre["rope"], "visual": True}, merged))
                     recycled.append((centre_pos, tuple(tokens[vis[j]]["pos"] for j in members)))
             new_tokens.sort(key=lambda pair: pair[0]["pos"])
             results.append({"layer": index, "kept": tuple(tokens[vis[j]]["pos"] for j in kept),
