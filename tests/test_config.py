@@ -26,6 +26,10 @@ def test_presets():
     ({"pruning_layers": (6, 2)}, "ascending"),
     ({"keep_counts": (10, 5), "pruning_layers": (1, 2, 3)}, "keep_counts has 2"),
     ({"budget": 30}, "below 54.9"),
+    ({"keep_fraction": 0.0}, "keep_fraction must be in"),
+    ({"keep_fraction": 1.5}, "keep_fraction must be in"),
+    ({"keep_fraction": 0.5, "mode": "rank"}, "keep_fraction needs schedule mode"),
+    ({"keep_fraction": 0.05}, "below 54.9"),
 ])
 def test_invalid_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -91,3 +95,11 @@ def test_llava_dense_flops_near_the_papers():
     """4.62 TFLOPs dense in the paper's Table 1 for LLaVA-1.5-7B (576 visual + ~60 text tokens)."""
     report = prefill_flops(576 + 100, (576,) * 32, DecoderDims.llava_1_5_7b(), 0.0)
     assert 4.0e12 < report.dense_paper < 5.0e12
+
+
+def test_keep_fraction_is_a_budget_of_576():
+    quarter = sve.SparseVLMConfig.v1_5(keep_fraction=0.25)
+    assert quarter.schedule_budget == 144 and quarter.prunes
+    assert sve.SparseVLMConfig.v2(keep_fraction=128 / 576).schedule_budget == 128
+    assert not sve.SparseVLMConfig.v1_5(keep_fraction=1.0).prunes
+    assert sve.SparseVLMConfig.v1_5(64).schedule_budget == 64
