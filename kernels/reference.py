@@ -7,6 +7,7 @@ All maths runs in fp32 whatever the input dtype.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -35,16 +36,75 @@ def select_raters(visual: torch.Tensor, text: torch.Tensor, visual_valid: torch.
     return torch.where(empty, text_valid, raters)
 
 
-def rope_gravity(delta: torch.Tensor, inv_freq: torch.Tensor, head_dim: int, eps: float = 1e-6) -> torch.Tensor:
-    """g(delta) = sum_p 2 cos(delta * theta_p) / sqrt(head_dim), with |g| kept >= eps.
+def rope_sections(inv_freq: torch.Tensor, sections=None, op: str = "rope_gravity") -> list[int]:
+    """Frequency pairs per RoPE section: [D/2] for None (1-D RoPE), else `sections` checked to be
+    positive ints summing to inv_freq's D/2 pairs (mRoPE, e.g. [16, 24, 24] for t, h, w)."""
+    if inv_freq.dim() != 1 or inv_freq.numel() == 0:
+        raise ValueError(f"{op}: inv_freq must be [D/2], got {list(inv_freq.shape)}")
+    if sections is None:
+        return [inv_freq.numel()]
+    parts = list(sections)
+    if (not parts or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in parts)
+            or sum(parts) != inv_freq.numel()):
+        raise ValueError(f"{op}: sections {parts} must be positive ints summing to the "
+                         f"{inv_freq.numel()} frequency pairs of inv_freq {list(inv_freq.shape)}")
+    return [int(n) for n in parts]
 
-    delta: any shape of relative distances (query position - key position); inv_freq: [D/2].
-    The logit that all-ones query and key vectors get at that distance after RoPE.
-    """
-    angles = delta.float()[..., None] * inv_freq.float()
-    g = 2.0 * torch.cos(angles).sum(-1) / math.sqrt(head_dim)
+
+def _section_gravity(delta: torch.Tensor, inv_freq: torch.Tensor, head_dim: int, parts: list[int]) -> torch.Tensor:
+    """Unguarded per-section sums of 2 cos(|delta_s| theta_p) / sqrt(head_dim): delta [S, ...] -> [S, ...]."""
+    if delta.dim() < 1 or delta.shape[0] != len(parts):
+        raise ValueError(f"rope_gravity: delta has shape {list(delta.shape)}, expected [{len(parts)}, ...] "
+                         f"for sections {parts}")
+    return torch.stack([2.0 * torch.cos(d.abs().float()[..., None] * f).sum(-1) / math.sqrt(head_dim)
+                        for d, f in zip(delta, inv_freq.float().split(parts))])
+
+
+def gravity_guard(g: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """sign(g) * max(|g|, eps), sign(0) = +1."""
     sign = torch.where(g < 0, -1.0, 1.0)
     return sign * g.abs().clamp(min=eps)
+
+
+def rope_gravity(delta: torch.Tensor, inv_freq: torch.Tensor, head_dim: int, eps: float = 1e-6,
+                 sections=None) -> torch.Tensor:
+    """g = sum over sections s, pairs p of s of 2 cos(delta_s * theta_p) / sqrt(head_dim), |g| kept >= eps.
+
+    delta: [...] relative distances (query position - key position), or [S, ...] one per section
+    when sections (pairs per section, summing to D/2) is given; inv_freq: [D/2]. The logit that
+    all-ones query and key vectors get at that displacement after RoPE (mRoPE). Returns [...].
+    """
+    parts = rope_sections(inv_freq, sections)
+    if sections is None:
+        delta = delta[None]
+    return gravity_guard(_section_gravity(delta, inv_freq, head_dim, parts).sum(0), eps)
+
+
+def gravity_table(inv_freq: torch.Tensor, head_dim: int, size: int, sections=None) -> torch.Tensor:
+    """Unguarded per-section gravity table [S, size] fp32: table[s, d] = sum over pairs p of
+    section s of 2 cos(d * theta_p) / sqrt(head_dim); sections None means one section."""
+    parts = rope_sections(inv_freq, sections, "gravity_table")
+    delta = torch.arange(size, device=inv_freq.device).expand(len(parts), size)
+    return _section_gravity(delta, inv_freq, head_dim, parts)
+
+
+def gravity_lookup(table: torch.Tensor, rater_pos: torch.Tensor, key_pos: torch.Tensor,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """Gravity divisor [B, R, L] = guard(sum_s table[s, clamp(|rater_pos_s - key_pos_s|, 0, T - 1)]).
+
+    table: [S, T] from gravity_table; rater_pos: [S, B, R] and key_pos: [S, B, L] position ids
+    per section, or [B, R] / [B, L] when S = 1.
+    """
+    n_sections = table.shape[0]
+    if n_sections == 1:
+        rater_pos = rater_pos[None] if rater_pos.dim() == 2 else rater_pos
+        key_pos = key_pos[None] if key_pos.dim() == 2 else key_pos
+    if rater_pos.dim() != 3 or key_pos.dim() != 3 or rater_pos.shape[0] != n_sections or key_pos.shape[0] != n_sections:
+        raise ValueError(f"gravity: table {list(table.shape)} needs rater_pos [S, B, R] and key_pos [S, B, L] "
+                         f"with S = {n_sections}, got {list(rater_pos.shape)} and {list(key_pos.shape)}")
+    delta = (rater_pos[:, :, :, None] - key_pos[:, :, None, :]).abs().clamp(max=table.shape[1] - 1)
+    sections = torch.arange(table.shape[0], device=table.device)[:, None, None, None]
+    return gravity_guard(table[sections, delta].sum(0), eps)
 
 
 def rater_attention(q: torch.Tensor, k: torch.Tensor, key_visible: torch.Tensor, visual_keys: torch.Tensor,

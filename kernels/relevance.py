@@ -8,6 +8,11 @@ Memory is O(B H R + B H L + B R R): nothing of size L x L is ever allocated.
 
     lse = rater_lse(q, k, rater_slot, rater_valid, key_valid, scaling)
     rel = head_relevance(q, k, rater_slot, rater_valid, key_valid, visual, scaling, lse)  # [B, H, L]
+
+RoPE gravity: gravity_table(inv_freq, head_dim, T, sections) [S, T] holds per-section partial
+sums; the relevance kernels take gravity=(table, rater_pos [S, B, R], key_pos [S, B, L]) and
+divide each probability by guard(sum_s table[s, |rater_pos_s - key_pos_s|]) (S = 1: 1-D RoPE,
+positions may then be [B, R] / [B, L]).
 """
 from __future__ import annotations
 
@@ -18,10 +23,12 @@ import triton
 import triton.language as tl
 
 from ._launch import check_device, check_float, check_shape, interpreting, next_pow2
+from .reference import rope_sections
 
 LOG2E = 1.4426950408889634
 BLOCK_R = 16
 BLOCK_L = 64
+GRAVITY_EPS = 1e-6
 
 
 @triton.jit
@@ -80,24 +87,39 @@ def _rater_lse_kernel(
 
 
 @triton.jit
-def _rater_probs(q, k_ptrs, k_mask, lse_log2, visible, scale_log2, gravity_ptr, rpos, kpos, n_gravity,
+def _gravity(gravity_ptr, rpos_ptr, kpos_ptr, rpos, kpos, b, offs_r, offs_l, visible, B, R, L, n_gravity, eps,
+             SECTIONS: tl.constexpr):
+    """Gravity divisor [BR, BL]: guard(sum_s table[s, min(|rpos_s - kpos_s|, T - 1)]), 1 where not visible.
+    rpos [BR] / kpos [BL] are section 0's positions; later sections are read from rpos_ptr / kpos_ptr."""
+    g = tl.load(gravity_ptr + tl.minimum(tl.abs(rpos[:, None] - kpos[None, :]), n_gravity - 1),
+                mask=visible, other=1.0)
+    for s in tl.static_range(1, SECTIONS):
+        rpos_s = tl.load(rpos_ptr + (s * B + b) * R + offs_r, mask=offs_r < R, other=0)
+        kpos_s = tl.load(kpos_ptr + (s * B + b) * L + offs_l, mask=offs_l < L, other=0)
+        delta = tl.minimum(tl.abs(rpos_s[:, None] - kpos_s[None, :]), n_gravity - 1)
+        g += tl.load(gravity_ptr + s * n_gravity + delta, mask=visible, other=0.0)
+    return tl.where(g < 0, -tl.maximum(-g, eps), tl.maximum(g, eps))
+
+
+@triton.jit
+def _rater_probs(q, k_ptrs, k_mask, lse_log2, visible, scale_log2, divisor,
                  GRAVITY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Attention probabilities [BR, BL] of rater rows on a key block, zero where not visible."""
+    """Attention probabilities [BR, BL] of rater rows on a key block, zero where not visible,
+    divided by the gravity divisor [BR, BL] when GRAVITY."""
     logits = _logits(q, k_ptrs, k_mask, UPCAST, PRECISION) * scale_log2
     p = tl.exp2(logits - tl.where(visible, lse_log2[:, None], 0.0))
     if GRAVITY:
-        delta = tl.minimum(tl.maximum(rpos[:, None] - kpos[None, :], 0), n_gravity - 1)
-        p = p / tl.load(gravity_ptr + delta, mask=visible, other=1.0)
+        p = p / divisor
     return tl.where(visible, p, 0.0)
 
 
-@triton.jit(do_not_specialize=["R", "L", "n_gravity"])
+@triton.jit(do_not_specialize=["B", "R", "L", "n_gravity"])
 def _head_relevance_kernel(
     q_ptr, k_ptr, slot_ptr, rvalid_ptr, kvalid_ptr, visual_ptr, lse_ptr, gravity_ptr, rpos_ptr, kpos_ptr, out_ptr,
     stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kl,
-    H, R, L, D, n_gravity, scale_log2,
+    B, H, R, L, D, n_gravity, scale_log2, eps,
     GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    GRAVITY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    GRAVITY: tl.constexpr, SECTIONS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -121,8 +143,9 @@ def _head_relevance_kernel(
         rpos = tl.load(rpos_ptr + b * R + offs_r, mask=r_in, other=0) if GRAVITY else offs_r
         q = _load_queries(q_ptr, b, h, offs_r, offs_d, stride_qb, stride_qh, stride_qr, R, D, UPCAST)
         visible = r_ok[:, None] & key[None, :] & (offs_l[None, :] <= slot[:, None])
-        p = _rater_probs(q, k_ptrs, k_mask, lse_log2, visible, scale_log2, gravity_ptr, rpos, kpos, n_gravity,
-                         GRAVITY, UPCAST, PRECISION)
+        divisor = _gravity(gravity_ptr, rpos_ptr, kpos_ptr, rpos, kpos, b, offs_r, offs_l, visible, B, R, L,
+                           n_gravity, eps, SECTIONS) if GRAVITY else 1.0
+        p = _rater_probs(q, k_ptrs, k_mask, lse_log2, visible, scale_log2, divisor, GRAVITY, UPCAST, PRECISION)
         acc += tl.sum(p, 0)
         n_raters += r_ok.to(tl.int32)
     rel = acc / tl.maximum(tl.sum(n_raters, 0), 1).to(tl.float32)
@@ -130,14 +153,17 @@ def _head_relevance_kernel(
 
 
 @triton.jit
-def _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, b, offs_r, r_ok, slot, rpos, offs_l, l_in, key, kpos,
-                   stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kl, H, R, D, n_gravity, scale_log2,
+def _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, rpos_ptr, kpos_ptr, b, offs_r, r_ok, slot, rpos,
+                   offs_l, l_in, key, kpos, stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kl,
+                   B, H, R, L, D, n_gravity, scale_log2, eps,
                    GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                   GRAVITY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   GRAVITY: tl.constexpr, SECTIONS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """P[r, l] = sum_h w[h] a[h, r, l] for a block of raters and keys -> [BR, BL] fp32."""
     offs_d = tl.arange(0, BLOCK_D)
     visible = r_ok[:, None] & key[None, :] & (offs_l[None, :] <= slot[:, None])
     k_mask = l_in[:, None] & (offs_d[None, :] < D)
+    divisor = _gravity(gravity_ptr, rpos_ptr, kpos_ptr, rpos, kpos, b, offs_r, offs_l, visible, B, R, L,
+                       n_gravity, eps, SECTIONS) if GRAVITY else 1.0
     rows = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
     for h in range(0, H):
         w = tl.load(w_ptr + b * H + h)
@@ -145,19 +171,19 @@ def _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, b, offs_r, r_ok, s
             q = _load_queries(q_ptr, b, h, offs_r, offs_d, stride_qb, stride_qh, stride_qr, R, D, UPCAST)
             lse_log2 = tl.load(lse_ptr + (b * H + h) * R + offs_r, mask=offs_r < R, other=0.0) * 1.4426950408889634
             k_ptrs = k_ptr + b * stride_kb + (h // GROUP) * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :]
-            rows += w * _rater_probs(q, k_ptrs, k_mask, lse_log2, visible, scale_log2, gravity_ptr, rpos, kpos,
-                                     n_gravity, GRAVITY, UPCAST, PRECISION)
+            rows += w * _rater_probs(q, k_ptrs, k_mask, lse_log2, visible, scale_log2, divisor, GRAVITY, UPCAST,
+                                     PRECISION)
     return rows
 
 
-@triton.jit(do_not_specialize=["R", "L", "n_gravity"])
+@triton.jit(do_not_specialize=["B", "R", "L", "n_gravity"])
 def _rater_gram_kernel(
     q_ptr, k_ptr, slot_ptr, rvalid_ptr, kvalid_ptr, visual_ptr, lse_ptr, w_ptr, gravity_ptr, rpos_ptr, kpos_ptr,
     out_ptr,
     stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kl,
-    H, R, L, D, n_gravity, scale_log2,
+    B, H, R, L, D, n_gravity, scale_log2, eps,
     GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    GRAVITY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    GRAVITY: tl.constexpr, SECTIONS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -176,26 +202,30 @@ def _rater_gram_kernel(
         key = (tl.load(kvalid_ptr + b * L + offs_l, mask=l_in, other=0) != 0) & (
             tl.load(visual_ptr + b * L + offs_l, mask=l_in, other=0) != 0)
         kpos = tl.load(kpos_ptr + b * L + offs_l, mask=l_in, other=0) if GRAVITY else offs_l
-        p_i = _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, b, offs_i, ok_i, slot_i, rpos_i, offs_l, l_in,
-                             key, kpos, stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kl, H, R, D,
-                             n_gravity, scale_log2, GROUP, BLOCK_R, BLOCK_L, BLOCK_D, GRAVITY, UPCAST, PRECISION)
-        p_j = _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, b, offs_j, ok_j, slot_j, rpos_j, offs_l, l_in,
-                             key, kpos, stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kl, H, R, D,
-                             n_gravity, scale_log2, GROUP, BLOCK_R, BLOCK_L, BLOCK_D, GRAVITY, UPCAST, PRECISION)
+        p_i = _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, rpos_ptr, kpos_ptr, b, offs_i, ok_i, slot_i,
+                             rpos_i, offs_l, l_in, key, kpos, stride_qb, stride_qh, stride_qr, stride_kb, stride_kh,
+                             stride_kl, B, H, R, L, D, n_gravity, scale_log2, eps, GROUP, BLOCK_R, BLOCK_L, BLOCK_D,
+                             GRAVITY, SECTIONS, UPCAST, PRECISION)
+        p_j = _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, rpos_ptr, kpos_ptr, b, offs_j, ok_j, slot_j,
+                             rpos_j, offs_l, l_in, key, kpos, stride_qb, stride_qh, stride_qr, stride_kb, stride_kh,
+                             stride_kl, B, H, R, L, D, n_gravity, scale_log2, eps, GROUP, BLOCK_R, BLOCK_L, BLOCK_D,
+                             GRAVITY, SECTIONS, UPCAST, PRECISION)
         gram += tl.dot(p_i, tl.trans(p_j), input_precision="ieee")
     tl.store(out_ptr + b * R * R + offs_i[:, None] * R + offs_j[None, :], gram, mask=i_in[:, None] & j_in[None, :])
 
 
 @triton.jit
-def _gravity_table_kernel(inv_freq_ptr, out_ptr, n, n_freq, norm, eps,
-                          BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
+def _gravity_table_kernel(inv_freq_ptr, bounds_ptr, out_ptr, n, norm, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
+    """out[s, d] = norm * sum of cos(d * inv_freq[p]) over the pairs bounds[s] <= p < bounds[s + 1]."""
+    s = tl.program_id(1)
+    start = tl.load(bounds_ptr + s)
+    n_freq = tl.load(bounds_ptr + s + 1) - start
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_f = tl.arange(0, BLOCK_F)
-    inv_freq = tl.load(inv_freq_ptr + offs_f, mask=offs_f < n_freq, other=0.0)
+    inv_freq = tl.load(inv_freq_ptr + start + offs_f, mask=offs_f < n_freq, other=0.0)
     angles = offs.to(tl.float32)[:, None] * inv_freq[None, :]
     g = tl.sum(tl.where(offs_f[None, :] < n_freq, tl.cos(angles), 0.0), 1) * norm
-    g = tl.where(g < 0, -tl.maximum(-g, eps), tl.maximum(g, eps))
-    tl.store(out_ptr + offs, g, mask=offs < n)
+    tl.store(out_ptr + s * n + offs, g, mask=offs < n)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -249,17 +279,21 @@ def _common(q, k, rater_slot, rater_valid, key_valid, scaling):
 
 
 def _gravity_args(gravity, batch, raters, length, device):
-    """(table, rater_pos, key_pos, n) for the kernels; dummies when gravity is off."""
+    """(table, rater_pos, key_pos, T, kernel flags) for the kernels; dummies when gravity is off."""
     if gravity is None:
         dummy = torch.zeros(1, dtype=torch.int32, device=device)
-        return torch.ones(1, dtype=torch.float32, device=device), dummy, dummy, 1, False
+        return torch.ones(1, dtype=torch.float32, device=device), dummy, dummy, 1, dict(GRAVITY=False, SECTIONS=1)
     table, rater_pos, key_pos = gravity
-    if table.dim() != 1 or table.dtype != torch.float32 or table.numel() == 0:
-        raise ValueError(f"gravity table must be a non-empty fp32 [T] tensor, got {table.dtype} {list(table.shape)}")
-    check_shape("gravity", "rater_pos", rater_pos, (batch, raters))
-    check_shape("gravity", "key_pos", key_pos, (batch, length))
-    return (table.contiguous(), rater_pos.to(torch.int32).contiguous(), key_pos.to(torch.int32).contiguous(),
-            table.numel(), True)
+    if table.dim() != 2 or table.dtype != torch.float32 or table.numel() == 0:
+        raise ValueError(f"gravity table must be a non-empty fp32 [S, T] tensor, got {table.dtype} {list(table.shape)}")
+    sections = table.shape[0]
+    pos = []
+    for name, t, n in (("rater_pos", rater_pos, raters), ("key_pos", key_pos, length)):
+        t = t[None] if t.dim() == 2 and sections == 1 else t
+        check_shape("gravity", name, t, (sections, batch, n))
+        pos.append(t.to(torch.int32).contiguous())
+    check_device("gravity", table=table, rater_pos=rater_pos, key_pos=key_pos)
+    return table.contiguous(), *pos, table.shape[1], dict(GRAVITY=True, SECTIONS=sections)
 
 
 def rater_lse(q: torch.Tensor, k: torch.Tensor, rater_slot: torch.Tensor, rater_valid: torch.Tensor,
@@ -285,16 +319,17 @@ def head_relevance(q: torch.Tensor, k: torch.Tensor, rater_slot: torch.Tensor, r
 
     Each row is normalised over all keys the rater sees: lse [B, H, R] (natural log) from
     rater_lse, or from the attention kernel itself (flash-attn returns it), computed here when
-    None. gravity: optional (table [T] from gravity_table, rater_pos [B, R], key_pos [B, L]):
-    probabilities are divided by table[rater_pos - key_pos]. Returns [B, H, L] fp32, zero off
-    visible visual keys.
+    None. gravity: optional (table [S, T] from gravity_table, rater_pos [S, B, R], key_pos
+    [S, B, L]; [B, R] / [B, L] when S = 1): probabilities are divided by
+    guard(sum_s table[s, |rater_pos_s - key_pos_s|]). Returns [B, H, L] fp32, zero off visible
+    visual keys.
     """
     batch, heads, raters, head_dim, _, length = _check_scoring_inputs(
         "head_relevance", q, k, rater_slot, rater_valid, key_valid, visual)
     if lse is None:
         lse = rater_lse(q, k, rater_slot, rater_valid, key_valid, scaling)
     check_shape("head_relevance", "lse", lse, (batch, heads, raters))
-    table, rpos, kpos, n_gravity, use_gravity = _gravity_args(gravity, batch, raters, length, q.device)
+    table, rpos, kpos, n_gravity, flags = _gravity_args(gravity, batch, raters, length, q.device)
     q, k, slot, r_ok, k_ok, scale_log2, args = _common(q, k, rater_slot, rater_valid, key_valid, scaling)
     out = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
     if out.numel():
@@ -302,7 +337,7 @@ def head_relevance(q: torch.Tensor, k: torch.Tensor, rater_slot: torch.Tensor, r
         _head_relevance_kernel[grid](
             q, k, slot, r_ok, k_ok, visual.contiguous().view(torch.int8), lse.float().contiguous(), table, rpos,
             kpos, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            heads, raters, length, head_dim, n_gravity, scale_log2, GRAVITY=use_gravity, **args)
+            batch, heads, raters, length, head_dim, n_gravity, scale_log2, GRAVITY_EPS, **flags, **args)
     return out
 
 
@@ -311,13 +346,14 @@ def rater_gram(q: torch.Tensor, k: torch.Tensor, rater_slot: torch.Tensor, rater
                lse: torch.Tensor | None = None,
                gravity: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Gram matrix P P^T [B, R, R] fp32 of the head-averaged rater rows
-    P[b, r, l] = sum_h weights[b, h] a[b, h, r, l] over visual keys (rank mode). weights: [B, H]."""
+    P[b, r, l] = sum_h weights[b, h] a[b, h, r, l] over visual keys (rank mode). weights: [B, H];
+    gravity as in head_relevance."""
     batch, heads, raters, head_dim, _, length = _check_scoring_inputs(
         "rater_gram", q, k, rater_slot, rater_valid, key_valid, visual)
     check_shape("rater_gram", "weights", weights, (batch, heads))
     if lse is None:
         lse = rater_lse(q, k, rater_slot, rater_valid, key_valid, scaling)
-    table, rpos, kpos, n_gravity, use_gravity = _gravity_args(gravity, batch, raters, length, q.device)
+    table, rpos, kpos, n_gravity, flags = _gravity_args(gravity, batch, raters, length, q.device)
     q, k, slot, r_ok, k_ok, scale_log2, args = _common(q, k, rater_slot, rater_valid, key_valid, scaling)
     out = torch.empty(batch, raters, raters, dtype=torch.float32, device=q.device)
     if out.numel():
@@ -325,22 +361,24 @@ def rater_gram(q: torch.Tensor, k: torch.Tensor, rater_slot: torch.Tensor, rater
         _rater_gram_kernel[grid](
             q, k, slot, r_ok, k_ok, visual.contiguous().view(torch.int8), lse.float().contiguous(),
             weights.float().contiguous(), table, rpos, kpos, out, q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2), heads, raters, length, head_dim, n_gravity, scale_log2,
-            GRAVITY=use_gravity, **args)
+            k.stride(0), k.stride(1), k.stride(2), batch, heads, raters, length, head_dim, n_gravity, scale_log2,
+            GRAVITY_EPS, **flags, **args)
     return out
 
 
-def gravity_table(inv_freq: torch.Tensor, head_dim: int, size: int, eps: float = 1e-6) -> torch.Tensor:
-    """RoPE gravity g(delta) for delta = 0 .. size - 1 (reference.rope_gravity): [size] fp32."""
-    if inv_freq.dim() != 1 or inv_freq.numel() == 0:
-        raise ValueError(f"gravity_table: inv_freq must be [D/2], got {list(inv_freq.shape)}")
+def gravity_table(inv_freq: torch.Tensor, head_dim: int, size: int, sections=None) -> torch.Tensor:
+    """Unguarded per-section RoPE gravity table [S, size] fp32 (reference.gravity_table):
+    table[s, d] = sum over pairs p of section s of 2 cos(d * theta_p) / sqrt(head_dim).
+    inv_freq: [D/2]; sections: pairs per section summing to D/2 (mRoPE, e.g. [16, 24, 24]),
+    None for one section of all pairs (S = 1)."""
+    parts = rope_sections(inv_freq, sections, "gravity_table")
     if size < 1:
         raise ValueError(f"gravity_table: size must be >= 1, got {size}")
     check_device("gravity_table", inv_freq=inv_freq)
     inv_freq = inv_freq.float().contiguous()
-    out = torch.empty(size, dtype=torch.float32, device=inv_freq.device)
+    bounds = torch.tensor([sum(parts[:s]) for s in range(len(parts) + 1)], dtype=torch.int32, device=inv_freq.device)
+    out = torch.empty(len(parts), size, dtype=torch.float32, device=inv_freq.device)
     block = 128
-    _gravity_table_kernel[(triton.cdiv(size, block),)](
-        inv_freq, out, size, inv_freq.numel(), 2.0 / math.sqrt(head_dim), eps,
-        BLOCK=block, BLOCK_F=next_pow2(inv_freq.numel()))
+    _gravity_table_kernel[(triton.cdiv(size, block), len(parts))](
+        inv_freq, bounds, out, size, 2.0 / math.sqrt(head_dim), BLOCK=block, BLOCK_F=next_pow2(max(parts)))
     return out

@@ -22,18 +22,13 @@ class TorchOps:
     def select_raters(self, visual, text, visual_valid, text_valid):
         return ref.select_raters(visual, text, visual_valid, text_valid)
 
-    def gravity_table(self, inv_freq, head_dim, size):
-        return ref.rope_gravity(torch.arange(size, device=inv_freq.device), inv_freq, head_dim)
+    def gravity_table(self, inv_freq, head_dim, size, sections=None):
+        return ref.gravity_table(inv_freq, head_dim, size, sections)
 
     def _rows(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, gravity):
         slots = torch.arange(k.shape[2], device=k.device)
         visible = key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None]) & rater_valid[:, :, None]
-        divisor = None
-        if gravity is not None:
-            table, rater_pos, key_pos = gravity
-            delta = (rater_pos[:, :, None] - key_pos[None, :] if key_pos.dim() == 1
-                     else rater_pos[:, :, None] - key_pos[:, None, :])
-            divisor = table[delta.clamp(0, table.numel() - 1)]
+        divisor = None if gravity is None else ref.gravity_lookup(*gravity)
         return ref.rater_attention(q, k, visible, visual, scaling, divisor)
 
     def head_relevance(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, gravity=None):
@@ -107,8 +102,8 @@ class TritonOps:
     def select_raters(self, visual, text, visual_valid, text_valid):
         return self._raters.select_raters(visual, text, visual_valid, text_valid)
 
-    def gravity_table(self, inv_freq, head_dim, size):
-        return self._relevance.gravity_table(inv_freq, head_dim, size)
+    def gravity_table(self, inv_freq, head_dim, size, sections=None):
+        return self._relevance.gravity_table(inv_freq, head_dim, size, sections)
 
     def head_relevance(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, gravity=None):
         return self._relevance.head_relevance(q, k, rater_slot, rater_valid, key_valid, visual, scaling,

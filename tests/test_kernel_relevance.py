@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernel_checks import DEVICE, DTYPES, TOLERANCE, dtype_id
+from sparsevlm_engine.backends import TorchOps
 from sparsevlm_engine.kernels import reference as ref
 from sparsevlm_engine.kernels.relevance import gravity_table, head_relevance, rater_gram, rater_lse
 
@@ -102,9 +103,123 @@ def test_gravity_is_applied_from_the_relative_distance(poisoned, dtype):
 def test_gravity_table_matches_reference(poisoned):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 128, 2).float() / 128))
     got = gravity_table(inv_freq.to(DEVICE), 128, 3001).cpu()
-    expected = ref.rope_gravity(torch.arange(3001), inv_freq, 128)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    assert got[0].item() == pytest.approx(math.sqrt(128), rel=1e-6)
+    assert got.shape == (1, 3001)
+    torch.testing.assert_close(got, ref.gravity_table(inv_freq, 128, 3001), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ref.gravity_guard(got[0]), ref.rope_gravity(torch.arange(3001), inv_freq, 128),
+                               atol=1e-4, rtol=1e-4)
+    assert got[0, 0].item() == pytest.approx(math.sqrt(128), rel=1e-6)
+
+
+def test_gravity_table_per_section_matches_reference(poisoned):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 128, 2).float() / 128))
+    got = gravity_table(inv_freq.to(DEVICE), 128, 1001, [16, 24, 24]).cpu()
+    assert got.shape == (3, 1001)
+    torch.testing.assert_close(got, ref.gravity_table(inv_freq, 128, 1001, [16, 24, 24]), atol=1e-4, rtol=1e-4)
+    assert got[:, 0].tolist() == pytest.approx([2 * n / math.sqrt(128) for n in (16, 24, 24)], rel=1e-6)
+    torch.testing.assert_close(got.sum(0), gravity_table(inv_freq.to(DEVICE), 128, 1001)[0].cpu(),
+                               atol=1e-4, rtol=1e-4)
+
+
+def mrope_gravity_case(inputs, head_dim, sections, seed):
+    """Random 3-D (t, h, w) positions [3, B, L] (per-axis deltas of both signs, |delta| < 23), the
+    raters' [3, B, R], a short-wavelength inv_freq (rope base 30, so g changes sign) and the
+    reference divisor [B, R, L]."""
+    slot = inputs[2]
+    gen = torch.Generator().manual_seed(seed)
+    batch, length = inputs[4].shape
+    pos = torch.stack([torch.randint(0, n, (batch, length), generator=gen) for n in (5, 23, 19)])
+    rater_pos = pos.gather(2, slot[None].expand(3, -1, -1))
+    delta = rater_pos[..., None] - pos[:, :, None, :]
+    inv_freq = 1.0 / (30 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    divisor = ref.rope_gravity(delta, inv_freq, head_dim, sections=sections)
+    seen = (reference_rows(*inputs, 1.0) != 0).any(1)
+    assert (delta[:, seen] > 0).any(1).all() and (delta[:, seen] < 0).any(1).all()
+    return inv_freq, rater_pos, pos, divisor, seen
+
+
+MROPE_CASES = [
+    pytest.param(2, 4, 2, 5, 97, 24, [2, 5, 5], id="B2-H4-Hkv2-R5-L97-D24-s255"),
+    pytest.param(1, 2, 1, 19, 45, 16, [4, 2, 2], id="B1-H2-Hkv1-R19-L45-D16-s422"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("batch,heads,kv_heads,raters,length,head_dim,sections", MROPE_CASES)
+def test_head_relevance_with_mrope_gravity(poisoned, batch, heads, kv_heads, raters, length, head_dim, sections,
+                                           dtype):
+    inputs = scoring_case(batch, heads, kv_heads, raters, length, head_dim, dtype, seed=6)
+    scaling = head_dim ** -0.5
+    inv_freq, rater_pos, pos, divisor, _ = mrope_gravity_case(inputs, head_dim, sections, seed=6)
+    expected = ref.head_relevance(reference_rows(*inputs, scaling, divisor), inputs[3])
+    assert not torch.allclose(expected, ref.head_relevance(reference_rows(*inputs, scaling), inputs[3]))
+    table = gravity_table(inv_freq.to(DEVICE), head_dim, 32, sections)
+    got = head_relevance(*to_device(*inputs), scaling, gravity=tuple(to_device(table, rater_pos, pos))).cpu()
+    torch.testing.assert_close(got, expected, atol=FP32[0], rtol=FP32[1])
+    short = table[:, :12]
+    clamped = head_relevance(*to_device(*inputs), scaling, gravity=tuple(to_device(short, rater_pos, pos))).cpu()
+    torch_ops = TorchOps().head_relevance(*inputs, scaling, gravity=(short.cpu(), rater_pos, pos))
+    torch.testing.assert_close(clamped, torch_ops, atol=FP32[0], rtol=FP32[1])
+    assert not torch.allclose(clamped, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_rater_gram_with_mrope_gravity(poisoned, dtype):
+    inputs = scoring_case(2, 4, 2, 21, 53, 24, dtype, seed=7)
+    inv_freq, rater_pos, pos, divisor, seen = mrope_gravity_case(inputs, 24, [2, 5, 5], seed=7)
+    assert (divisor[seen] < 0).any()
+    a = reference_rows(*inputs, 0.2, divisor)
+    weights = ref.head_weights(ref.head_relevance(a, inputs[3]), 2)
+    expected = ref.rater_gram(a, inputs[3], weights)
+    table = gravity_table(inv_freq.to(DEVICE), 24, 32, [2, 5, 5])
+    got = rater_gram(*to_device(*inputs), 0.2, weights.to(DEVICE), gravity=tuple(to_device(table, rater_pos, pos)))
+    scale = expected.abs().max()
+    torch.testing.assert_close(got.cpu() / scale, expected / scale, atol=FP32[0], rtol=FP32[1])
+    torch_ops = TorchOps().rater_gram(*inputs, 0.2, weights, gravity=(table.cpu(), rater_pos, pos))
+    torch.testing.assert_close(got.cpu() / scale, torch_ops / scale, atol=FP32[0], rtol=FP32[1])
+
+
+def test_one_section_gravity_is_1d_rope(poisoned):
+    """S = 1 takes [B, R] / [B, L] or [1, B, R] / [1, B, L] positions alike, and three sections fed
+    the same 1-D positions (a text token under mRoPE) give the 1-D RoPE result."""
+    inputs = scoring_case(2, 4, 2, 6, 61, 16, torch.float32, seed=8)
+    slot, k_ok = inputs[2], inputs[4]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    pos = (k_ok.long().cumsum(1) - 1).clamp(min=0)
+    rater_pos = pos.gather(1, slot)
+    dev = to_device(*inputs)
+    w = torch.full((2, 4), 0.25, device=DEVICE)
+    table = gravity_table(inv_freq.to(DEVICE), 16, 61)
+    flat = tuple(to_device(table, rater_pos, pos))
+    stacked = tuple(to_device(table, rater_pos[None], pos[None]))
+    assert torch.equal(head_relevance(*dev, 0.25, gravity=flat), head_relevance(*dev, 0.25, gravity=stacked))
+    assert torch.equal(rater_gram(*dev, 0.25, w, gravity=flat), rater_gram(*dev, 0.25, w, gravity=stacked))
+    table3 = gravity_table(inv_freq.to(DEVICE), 16, 61, [2, 3, 3])
+    same = tuple(to_device(table3, rater_pos.expand(3, -1, -1), pos.expand(3, -1, -1)))
+    torch.testing.assert_close(head_relevance(*dev, 0.25, gravity=same), head_relevance(*dev, 0.25, gravity=flat),
+                               atol=FP32[0], rtol=FP32[1])
+    torch.testing.assert_close(rater_gram(*dev, 0.25, w, gravity=same), rater_gram(*dev, 0.25, w, gravity=flat),
+                               atol=FP32[0], rtol=FP32[1])
+
+
+def test_gravity_launchers_name_bad_sections_and_shapes():
+    dev = to_device(*scoring_case(1, 4, 2, 3, 20, 16, torch.float32))
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))).to(DEVICE)
+    with pytest.raises(ValueError, match=r"sections \[2, 3, 2\].*8 frequency pairs.*\[8\]"):
+        gravity_table(inv_freq, 16, 20, [2, 3, 2])
+    with pytest.raises(ValueError, match=r"sections \[0, 4, 4\]"):
+        gravity_table(inv_freq, 16, 20, [0, 4, 4])
+    with pytest.raises(ValueError, match="sections"):
+        TorchOps().gravity_table(inv_freq, 16, 20, [4, 4, 1])
+    pos = torch.zeros(1, 20, dtype=torch.long, device=DEVICE)
+    rpos = torch.zeros(1, 3, dtype=torch.long, device=DEVICE)
+    table3 = gravity_table(inv_freq, 16, 20, [2, 3, 3])
+    with pytest.raises(ValueError, match=r"rater_pos has shape \[1, 3\], expected \[3, 1, 3\]"):
+        head_relevance(*dev, 0.25, gravity=(table3, rpos, pos))
+    with pytest.raises(ValueError, match=r"key_pos has shape \[2, 1, 20\], expected \[3, 1, 20\]"):
+        rater_gram(*dev, 0.25, torch.ones(1, 4, device=DEVICE),
+                   gravity=(table3, rpos.expand(3, -1, -1), pos.expand(2, -1, -1)))
+    with pytest.raises(ValueError, match=r"\[S, T\]"):
+        head_relevance(*dev, 0.25, gravity=(table3[0], rpos, pos))
 
 
 @pytest.mark.parametrize("priority", [False, True], ids=["uniform", "priority"])

@@ -32,6 +32,57 @@ def test_rope_gravity_at_zero_distance_is_sqrt_head_dim():
     assert g[1].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_mrope_gravity_is_a_double_loop_over_sections_and_pairs():
+    head_dim, sections = 128, [16, 24, 24]
+    theta = (1.0 / (1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim))).tolist()
+    deltas = [(0, 0, 0), (1, -4, 7), (-3, 12, -25), (5, 0, -1), (0, 40, 33)]
+    g = ref.rope_gravity(torch.tensor(deltas).T, torch.tensor(theta), head_dim, sections=sections)
+    for i, delta in enumerate(deltas):
+        expected, p = 0.0, 0
+        for s, n_pairs in enumerate(sections):
+            for _ in range(n_pairs):
+                expected += 2 * math.cos(delta[s] * theta[p]) / math.sqrt(head_dim)
+                p += 1
+        assert g[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert g[0].item() == pytest.approx(math.sqrt(head_dim), rel=1e-6)
+    assert not torch.allclose(g, ref.rope_gravity(torch.tensor(deltas)[:, 1], torch.tensor(theta), head_dim))
+
+
+def test_gravity_guard_acts_on_the_total_over_sections():
+    inv_freq = torch.tensor([math.pi, math.pi])
+    g = ref.rope_gravity(torch.tensor([[0, 1, 1], [1, 1, 0]]), inv_freq, 4, sections=[1, 1])
+    assert g.tolist() == pytest.approx([1e-6, -2.0, 1e-6], rel=1e-6)
+    guarded = ref.gravity_guard(torch.tensor([0.0, -0.0, 3e-9, -3e-9, -2.5]))
+    assert guarded.tolist() == pytest.approx([1e-6, 1e-6, 1e-6, -1e-6, -2.5], rel=1e-6)
+
+
+def test_gravity_table_sections_split_the_1d_table():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    table = ref.gravity_table(inv_freq, 16, 50, [2, 3, 3])
+    assert table.shape == (3, 50)
+    torch.testing.assert_close(table.sum(0), ref.gravity_table(inv_freq, 16, 50)[0])
+    torch.testing.assert_close(table[1], 2 * torch.cos(torch.arange(50.0)[:, None] * inv_freq[2:5]).sum(-1) / 4)
+    with pytest.raises(ValueError, match=r"sections \[2, 3, 2\].*8 frequency pairs"):
+        ref.gravity_table(inv_freq, 16, 50, [2, 3, 2])
+    with pytest.raises(ValueError, match=r"delta has shape \[2, 5\], expected \[3, ...\]"):
+        ref.rope_gravity(torch.zeros(2, 5, dtype=torch.long), inv_freq, 16, sections=[2, 3, 3])
+
+
+def test_gravity_lookup_uses_the_absolute_per_section_distance_clamped_to_the_table():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    table = ref.gravity_table(inv_freq, 16, 6, [2, 3, 3])
+    rater_pos = torch.tensor([[[3]], [[0]], [[9]]])
+    key_pos = torch.tensor([[[1, 5]], [[2, 0]], [[0, 9]]])
+    got = ref.gravity_lookup(table, rater_pos, key_pos)
+    delta = torch.tensor([[[[2, 2]]], [[[2, 0]]], [[[5, 0]]]])
+    torch.testing.assert_close(got, ref.rope_gravity(delta, inv_freq, 16, sections=[2, 3, 3]))
+    one = ref.gravity_table(inv_freq, 16, 6)
+    torch.testing.assert_close(ref.gravity_lookup(one, rater_pos[0], key_pos[0]),
+                               ref.rope_gravity(torch.tensor([[[2, 2]]]), inv_freq, 16))
+    with pytest.raises(ValueError, match=r"S = 3, got \[1, 1\] and \[1, 2\]"):
+        ref.gravity_lookup(table, rater_pos[0], key_pos[0])
+
+
 def test_rater_attention_normalises_over_the_full_row():
     torch.manual_seed(0)
     q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 2, 6, 8)
