@@ -162,24 +162,19 @@ def relevance(head_rel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhl,bh->bl", head_rel, weights)
 
 
-def rater_gram(a: torch.Tensor, rater_valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Gram matrix P P^T [B, R, R] of the head-averaged rater rows P[b, r, l] (visual keys only);
-    padded rater rows are zero."""
-    rows = torch.einsum("bhrl,bh->brl", a, weights) * rater_valid[:, :, None]
-    return rows @ rows.transpose(1, 2)
+def rater_rows(a: torch.Tensor, rater_valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The head-averaged rater rows P[b, r, l] = sum_h weights[b, h] a[b, h, r, l] [B, R, L]
+    (a is zero off visual keys); padded rater rows are zero."""
+    return torch.einsum("bhrl,bh->brl", a, weights) * rater_valid[:, :, None]
 
 
-def numerical_rank(gram: torch.Tensor, n_rows: torch.Tensor, n_cols: torch.Tensor) -> torch.Tensor:
-    """fp32 numerical rank of P [B, R, NV] from its Gram matrix [B, R, R].
-
-    Singular values of P are sqrt(eigenvalues of P P^T); the tolerance is the one
-    torch.linalg.matrix_rank uses on P: sigma_max * max(rows, cols) * eps(fp32).
-    n_rows, n_cols: [B] true sizes of P. Returns [B] int64.
-    """
-    eig = torch.linalg.eigvalsh(gram.double()).clamp(min=0.0)
-    sigma = eig.sqrt()
+def numerical_rank(rows: torch.Tensor, n_rows: torch.Tensor, n_cols: torch.Tensor) -> torch.Tensor:
+    """fp32 numerical rank of each P [B, R, L] as torch.linalg.matrix_rank gives it: singular
+    values above sigma_max * max(rows, cols) * eps(fp32). Zero rows and columns (padding, text
+    keys) change no singular value; n_rows, n_cols: [B] the true sizes. Returns [B] int64."""
+    sigma = torch.linalg.svdvals(rows.float())
     sigma_max = sigma.max(-1, keepdim=True).values
-    tol = sigma_max * torch.maximum(n_rows, n_cols)[:, None].double() * torch.finfo(torch.float32).eps
+    tol = sigma_max * torch.maximum(n_rows, n_cols)[:, None].to(sigma.dtype) * torch.finfo(torch.float32).eps
     return ((sigma > tol) & (sigma_max > 0)).sum(-1)
 
 

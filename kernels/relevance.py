@@ -1,10 +1,10 @@
 """Rater-to-visual relevance without the attention matrix: row log-sum-exp, per-head relevance,
-the rank-mode Gram matrix and the RoPE gravity table.
+the rank-mode rater rows and the RoPE gravity table.
 
 Shapes: q [B, H, R, D] post-RoPE rater queries; k [B, H_kv, L, D] post-RoPE keys (query head h
 reads key head h // (H / H_kv)); rater_slot [B, R] the slot of each rater (it sees keys at
 slots <= its own); rater_valid [B, R], key_valid [B, L], visual [B, L] bool.
-Memory is O(B H R + B H L + B R R): nothing of size L x L is ever allocated.
+Memory is O(B H R + B H L + B R L): nothing of size L x L is ever allocated.
 
     lse = rater_lse(q, k, rater_slot, rater_valid, key_valid, scaling)
     rel = head_relevance(q, k, rater_slot, rater_valid, key_valid, visual, scaling, lse)  # [B, H, L]
@@ -177,7 +177,7 @@ def _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, rpos_ptr, kpos_ptr
 
 
 @triton.jit(do_not_specialize=["B", "R", "L", "n_gravity"])
-def _rater_gram_kernel(
+def _rater_rows_kernel(
     q_ptr, k_ptr, slot_ptr, rvalid_ptr, kvalid_ptr, visual_ptr, lse_ptr, w_ptr, gravity_ptr, rpos_ptr, kpos_ptr,
     out_ptr,
     stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kl,
@@ -186,32 +186,20 @@ def _rater_gram_kernel(
     GRAVITY: tl.constexpr, SECTIONS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    offs_i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_j = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    i_in, j_in = offs_i < R, offs_j < R
-    ok_i = tl.load(rvalid_ptr + b * R + offs_i, mask=i_in, other=0) != 0
-    ok_j = tl.load(rvalid_ptr + b * R + offs_j, mask=j_in, other=0) != 0
-    slot_i = tl.load(slot_ptr + b * R + offs_i, mask=i_in, other=-1)
-    slot_j = tl.load(slot_ptr + b * R + offs_j, mask=j_in, other=-1)
-    rpos_i = tl.load(rpos_ptr + b * R + offs_i, mask=i_in, other=0) if GRAVITY else offs_i
-    rpos_j = tl.load(rpos_ptr + b * R + offs_j, mask=j_in, other=0) if GRAVITY else offs_j
-    gram = tl.zeros([BLOCK_R, BLOCK_R], tl.float32)
-    for l0 in range(0, L, BLOCK_L):
-        offs_l = l0 + tl.arange(0, BLOCK_L)
-        l_in = offs_l < L
-        key = (tl.load(kvalid_ptr + b * L + offs_l, mask=l_in, other=0) != 0) & (
-            tl.load(visual_ptr + b * L + offs_l, mask=l_in, other=0) != 0)
-        kpos = tl.load(kpos_ptr + b * L + offs_l, mask=l_in, other=0) if GRAVITY else offs_l
-        p_i = _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, rpos_ptr, kpos_ptr, b, offs_i, ok_i, slot_i,
-                             rpos_i, offs_l, l_in, key, kpos, stride_qb, stride_qh, stride_qr, stride_kb, stride_kh,
-                             stride_kl, B, H, R, L, D, n_gravity, scale_log2, eps, GROUP, BLOCK_R, BLOCK_L, BLOCK_D,
-                             GRAVITY, SECTIONS, UPCAST, PRECISION)
-        p_j = _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, rpos_ptr, kpos_ptr, b, offs_j, ok_j, slot_j,
-                             rpos_j, offs_l, l_in, key, kpos, stride_qb, stride_qh, stride_qr, stride_kb, stride_kh,
-                             stride_kl, B, H, R, L, D, n_gravity, scale_log2, eps, GROUP, BLOCK_R, BLOCK_L, BLOCK_D,
-                             GRAVITY, SECTIONS, UPCAST, PRECISION)
-        gram += tl.dot(p_i, tl.trans(p_j), input_precision="ieee")
-    tl.store(out_ptr + b * R * R + offs_i[:, None] * R + offs_j[None, :], gram, mask=i_in[:, None] & j_in[None, :])
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    r_in, l_in = offs_r < R, offs_l < L
+    r_ok = tl.load(rvalid_ptr + b * R + offs_r, mask=r_in, other=0) != 0
+    slot = tl.load(slot_ptr + b * R + offs_r, mask=r_in, other=-1)
+    rpos = tl.load(rpos_ptr + b * R + offs_r, mask=r_in, other=0) if GRAVITY else offs_r
+    key = (tl.load(kvalid_ptr + b * L + offs_l, mask=l_in, other=0) != 0) & (
+        tl.load(visual_ptr + b * L + offs_l, mask=l_in, other=0) != 0)
+    kpos = tl.load(kpos_ptr + b * L + offs_l, mask=l_in, other=0) if GRAVITY else offs_l
+    rows = _weighted_rows(q_ptr, k_ptr, lse_ptr, w_ptr, gravity_ptr, rpos_ptr, kpos_ptr, b, offs_r, r_ok, slot,
+                          rpos, offs_l, l_in, key, kpos, stride_qb, stride_qh, stride_qr, stride_kb, stride_kh,
+                          stride_kl, B, H, R, L, D, n_gravity, scale_log2, eps, GROUP, BLOCK_R, BLOCK_L, BLOCK_D,
+                          GRAVITY, SECTIONS, UPCAST, PRECISION)
+    tl.store(out_ptr + (b * R + offs_r[:, None]) * L + offs_l[None, :], rows, mask=r_in[:, None] & l_in[None, :])
 
 
 @triton.jit
@@ -341,24 +329,24 @@ def head_relevance(q: torch.Tensor, k: torch.Tensor, rater_slot: torch.Tensor, r
     return out
 
 
-def rater_gram(q: torch.Tensor, k: torch.Tensor, rater_slot: torch.Tensor, rater_valid: torch.Tensor,
+def rater_rows(q: torch.Tensor, k: torch.Tensor, rater_slot: torch.Tensor, rater_valid: torch.Tensor,
                key_valid: torch.Tensor, visual: torch.Tensor, scaling: float, weights: torch.Tensor,
                lse: torch.Tensor | None = None,
                gravity: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Gram matrix P P^T [B, R, R] fp32 of the head-averaged rater rows
-    P[b, r, l] = sum_h weights[b, h] a[b, h, r, l] over visual keys (rank mode). weights: [B, H];
-    gravity as in head_relevance."""
+    """The head-averaged rater rows P[b, r, l] = sum_h weights[b, h] a[b, h, r, l] (rank mode):
+    [B, R, L] fp32, zero off visible visual keys and for invalid raters. weights: [B, H];
+    gravity as in head_relevance. O(B R L), the size of P itself."""
     batch, heads, raters, head_dim, _, length = _check_scoring_inputs(
-        "rater_gram", q, k, rater_slot, rater_valid, key_valid, visual)
-    check_shape("rater_gram", "weights", weights, (batch, heads))
+        "rater_rows", q, k, rater_slot, rater_valid, key_valid, visual)
+    check_shape("rater_rows", "weights", weights, (batch, heads))
     if lse is None:
         lse = rater_lse(q, k, rater_slot, rater_valid, key_valid, scaling)
     table, rpos, kpos, n_gravity, flags = _gravity_args(gravity, batch, raters, length, q.device)
     q, k, slot, r_ok, k_ok, scale_log2, args = _common(q, k, rater_slot, rater_valid, key_valid, scaling)
-    out = torch.empty(batch, raters, raters, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, raters, length, dtype=torch.float32, device=q.device)
     if out.numel():
-        grid = (batch, triton.cdiv(raters, BLOCK_R), triton.cdiv(raters, BLOCK_R))
-        _rater_gram_kernel[grid](
+        grid = (batch, triton.cdiv(raters, BLOCK_R), triton.cdiv(length, BLOCK_L))
+        _rater_rows_kernel[grid](
             q, k, slot, r_ok, k_ok, visual.contiguous().view(torch.int8), lse.float().contiguous(),
             weights.float().contiguous(), table, rpos, kpos, out, q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2), batch, heads, raters, length, head_dim, n_gravity, scale_log2,

@@ -72,7 +72,8 @@ def rater_selection_flops(n_visual: int, n_text: int, hidden: int) -> float:
 
 
 def scoring_flops(n_raters: int, n_keys: int, n_visual: int, dims: DecoderDims, gram: bool) -> float:
-    """Rater queries, their logits over every visible key, and the optional rank Gram matrix."""
+    """Rater queries, their logits over every visible key and, in rank mode (gram), the rank of the
+    rater rows P [R, n_v], counted as one Gram product 2 R^2 n_v (the SVD's leading cost)."""
     queries = 2.0 * n_raters * dims.hidden * dims.heads * dims.head_dim
     logits = 2.0 * dims.heads * n_raters * n_keys * dims.head_dim + 5.0 * dims.heads * n_raters * n_keys
     grams = 2.0 * n_raters * n_raters * n_visual if gram else 0.0

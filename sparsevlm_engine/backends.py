@@ -35,9 +35,9 @@ class TorchOps:
         return ref.head_relevance(self._rows(q, k, rater_slot, rater_valid, key_valid, visual, scaling, gravity),
                                   rater_valid)
 
-    def rater_gram(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, weights, gravity=None):
+    def rater_rows(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, weights, gravity=None):
         a = self._rows(q, k, rater_slot, rater_valid, key_valid, visual, scaling, gravity)
-        return ref.rater_gram(a, rater_valid, weights)
+        return ref.rater_rows(a, rater_valid, weights)
 
     def select_topk(self, scores, candidates, k, max_k, keep_also=None, width=None) -> Selection:
         kept = ref.topk_mask(scores, candidates, k)
@@ -109,8 +109,8 @@ class TritonOps:
         return self._relevance.head_relevance(q, k, rater_slot, rater_valid, key_valid, visual, scaling,
                                               gravity=gravity)
 
-    def rater_gram(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, weights, gravity=None):
-        return self._relevance.rater_gram(q, k, rater_slot, rater_valid, key_valid, visual, scaling, weights,
+    def rater_rows(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, weights, gravity=None):
+        return self._relevance.rater_rows(q, k, rater_slot, rater_valid, key_valid, visual, scaling, weights,
                                           gravity=gravity)
 
     def select_topk(self, scores, candidates, k, max_k, keep_also=None, width=None) -> Selection:

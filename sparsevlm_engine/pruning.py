@@ -6,7 +6,7 @@ index in the prompt as given (src, for gathering RoPE rows), its position among 
 real tokens (pos), and whether it is real, visual or a rater.
 
 The host keeps every row's token counts itself (HostCounts), so a pruning layer reads nothing
-back from the GPU in schedule mode; rank mode reads the R x R Gram matrices once.
+back from the GPU in schedule mode; rank mode reads the rater rows P once.
 """
 from __future__ import annotations
 
@@ -271,12 +271,13 @@ class Pruner:
         k = k.transpose(1, 2)
         return rotary(k, k, scoring.cos, scoring.sin)[0]
 
-    def _rank(self, gram: torch.Tensor, rater_valid: torch.Tensor, counts: HostCounts) -> torch.Tensor:
-        """rank(P) per row [B] on the host: the pass's one read-back (the Gram matrices, R x R)."""
-        raters = rater_valid.sum(1, keepdim=True).to(gram.dtype)
-        host = torch.cat([gram.flatten(1), raters], 1).cpu()
-        n = gram.shape[1]
-        return ref.numerical_rank(host[:, :-1].view(-1, n, n), host[:, -1].long(), counts.visual)
+    def _rank(self, rows: torch.Tensor, rater_valid: torch.Tensor, counts: HostCounts) -> torch.Tensor:
+        """rank(P) per row [B] on the host, by fp32 SVD as matrix_rank: the pass's one read-back
+        (P [B, R, L] and the rater counts). A Gram matrix P P^T in fp32 cannot resolve singular
+        values below sqrt(eps) * sigma_max, far above matrix_rank's tolerance."""
+        raters = rater_valid.sum(1, keepdim=True).to(rows.dtype)
+        host = torch.cat([rows.flatten(1), raters], 1).cpu()
+        return ref.numerical_rank(host[:, :-1].view(rows.shape), host[:, -1].long(), counts.visual)
 
     def prune(self, stage: int, layer: int, hidden: torch.Tensor, layout: Layout, scoring: ScoringInputs,
               counts: HostCounts, rope: Rope, attn_module, rotary) -> PruneResult:
@@ -295,7 +296,7 @@ class Pruner:
         rel = ref.relevance(head_rel, weights)
         rank = None
         if self.config.mode == "rank":
-            rank = self._rank(ops.rater_gram(*args, weights, gravity=gravity), r_ok, counts)
+            rank = self._rank(ops.rater_rows(*args, weights, gravity=gravity), r_ok, counts)
         plan = self.plan(stage, counts, rank)
         keep, n_cand, n_clusters = plan.on(hidden.device)
 

@@ -8,7 +8,7 @@ import torch
 from kernel_checks import DEVICE, DTYPES, TOLERANCE, dtype_id
 from sparsevlm_engine.backends import TorchOps
 from sparsevlm_engine.kernels import reference as ref
-from sparsevlm_engine.kernels.relevance import gravity_table, head_relevance, rater_gram, rater_lse
+from sparsevlm_engine.kernels.relevance import gravity_table, head_relevance, rater_lse, rater_rows
 
 FP32 = TOLERANCE[torch.float32]
 
@@ -163,18 +163,18 @@ def test_head_relevance_with_mrope_gravity(poisoned, batch, heads, kv_heads, rat
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
-def test_rater_gram_with_mrope_gravity(poisoned, dtype):
+def test_rater_rows_with_mrope_gravity(poisoned, dtype):
     inputs = scoring_case(2, 4, 2, 21, 53, 24, dtype, seed=7)
     inv_freq, rater_pos, pos, divisor, seen = mrope_gravity_case(inputs, 24, [2, 5, 5], seed=7)
     assert (divisor[seen] < 0).any()
     a = reference_rows(*inputs, 0.2, divisor)
     weights = ref.head_weights(ref.head_relevance(a, inputs[3]), 2)
-    expected = ref.rater_gram(a, inputs[3], weights)
+    expected = ref.rater_rows(a, inputs[3], weights)
     table = gravity_table(inv_freq.to(DEVICE), 24, 32, [2, 5, 5])
-    got = rater_gram(*to_device(*inputs), 0.2, weights.to(DEVICE), gravity=tuple(to_device(table, rater_pos, pos)))
+    got = rater_rows(*to_device(*inputs), 0.2, weights.to(DEVICE), gravity=tuple(to_device(table, rater_pos, pos)))
     scale = expected.abs().max()
     torch.testing.assert_close(got.cpu() / scale, expected / scale, atol=FP32[0], rtol=FP32[1])
-    torch_ops = TorchOps().rater_gram(*inputs, 0.2, weights, gravity=(table.cpu(), rater_pos, pos))
+    torch_ops = TorchOps().rater_rows(*inputs, 0.2, weights, gravity=(table.cpu(), rater_pos, pos))
     torch.testing.assert_close(got.cpu() / scale, torch_ops / scale, atol=FP32[0], rtol=FP32[1])
 
 
@@ -192,12 +192,12 @@ def test_one_section_gravity_is_1d_rope(poisoned):
     flat = tuple(to_device(table, rater_pos, pos))
     stacked = tuple(to_device(table, rater_pos[None], pos[None]))
     assert torch.equal(head_relevance(*dev, 0.25, gravity=flat), head_relevance(*dev, 0.25, gravity=stacked))
-    assert torch.equal(rater_gram(*dev, 0.25, w, gravity=flat), rater_gram(*dev, 0.25, w, gravity=stacked))
+    assert torch.equal(rater_rows(*dev, 0.25, w, gravity=flat), rater_rows(*dev, 0.25, w, gravity=stacked))
     table3 = gravity_table(inv_freq.to(DEVICE), 16, 61, [2, 3, 3])
     same = tuple(to_device(table3, rater_pos.expand(3, -1, -1), pos.expand(3, -1, -1)))
     torch.testing.assert_close(head_relevance(*dev, 0.25, gravity=same), head_relevance(*dev, 0.25, gravity=flat),
                                atol=FP32[0], rtol=FP32[1])
-    torch.testing.assert_close(rater_gram(*dev, 0.25, w, gravity=same), rater_gram(*dev, 0.25, w, gravity=flat),
+    torch.testing.assert_close(rater_rows(*dev, 0.25, w, gravity=same), rater_rows(*dev, 0.25, w, gravity=flat),
                                atol=FP32[0], rtol=FP32[1])
 
 
@@ -216,7 +216,7 @@ def test_gravity_launchers_name_bad_sections_and_shapes():
     with pytest.raises(ValueError, match=r"rater_pos has shape \[1, 3\], expected \[3, 1, 3\]"):
         head_relevance(*dev, 0.25, gravity=(table3, rpos, pos))
     with pytest.raises(ValueError, match=r"key_pos has shape \[2, 1, 20\], expected \[3, 1, 20\]"):
-        rater_gram(*dev, 0.25, torch.ones(1, 4, device=DEVICE),
+        rater_rows(*dev, 0.25, torch.ones(1, 4, device=DEVICE),
                    gravity=(table3, rpos.expand(3, -1, -1), pos.expand(2, -1, -1)))
     with pytest.raises(ValueError, match=r"\[S, T\]"):
         head_relevance(*dev, 0.25, gravity=(table3[0], rpos, pos))
@@ -224,13 +224,14 @@ def test_gravity_launchers_name_bad_sections_and_shapes():
 
 @pytest.mark.parametrize("priority", [False, True], ids=["uniform", "priority"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_rater_gram_matches_reference(poisoned, dtype, priority):
+def test_rater_rows_match_reference(poisoned, dtype, priority):
     inputs = scoring_case(2, 4, 2, 21, 64, 16, dtype, seed=4)
     a = reference_rows(*inputs, 0.25)
     head_rel = ref.head_relevance(a, inputs[3])
     weights = ref.head_weights(head_rel, 2 if priority else None)
-    expected = ref.rater_gram(a, inputs[3], weights)
-    got = rater_gram(*to_device(*inputs), 0.25, weights.to(DEVICE)).cpu()
+    expected = ref.rater_rows(a, inputs[3], weights)
+    got = rater_rows(*to_device(*inputs), 0.25, weights.to(DEVICE)).cpu()
+    assert (got[~inputs[3]] == 0).all() and (got * ~inputs[5][:, None, :] == 0).all()
     scale = expected.abs().max()
     torch.testing.assert_close(got / scale, expected / scale, atol=FP32[0], rtol=FP32[1])
 

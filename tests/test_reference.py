@@ -132,9 +132,22 @@ def test_numerical_rank_matches_matrix_rank(rows):
     torch.manual_seed(rows)
     base = torch.rand(2, 20)
     P = torch.cat([base, base[:1].repeat(rows, 1) * 2], 0)[:rows] if rows > 2 else torch.rand(rows, 20)
-    gram = (P @ P.T)[None]
-    got = ref.numerical_rank(gram, torch.tensor([rows]), torch.tensor([20]))
+    padded = torch.zeros(1, rows + 2, 26)  # zero rows and columns, as padding raters and text keys give
+    padded[0, :rows, 3:23] = P
+    got = ref.numerical_rank(padded, torch.tensor([rows]), torch.tensor([20]))
     assert got.item() == torch.linalg.matrix_rank(P).item()
+
+
+def test_numerical_rank_resolves_what_an_fp32_gram_matrix_cannot():
+    """Singular values 1, 0.3 and 1e-5: the last is well above matrix_rank's tolerance (~2.4e-6),
+    but its square 1e-10 is below the rounding of an fp32 Gram matrix P P^T, which misplaces it."""
+    u, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    v, _ = torch.linalg.qr(torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    P = (u @ torch.diag(torch.tensor([1.0, 0.3, 1e-5], dtype=torch.float64)) @ v.T).float()
+    assert torch.linalg.matrix_rank(P).item() == 3
+    assert ref.numerical_rank(P[None], torch.tensor([3]), torch.tensor([20])).item() == 3
+    sigma_from_gram = torch.linalg.eigvalsh((P @ P.T).double()).clamp(min=0).sqrt()
+    assert not 0.5e-5 < sigma_from_gram.min() < 2e-5
 
 
 @pytest.mark.parametrize("n,c", [(7, 1), (23, 3), (40, 4)])
