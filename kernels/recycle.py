@@ -5,8 +5,9 @@ batched and padded, in five Triton kernels with no host round trip.
 and also store the mirror tile) gathers the candidates and writes dist = ||x_i - x_j|| / sqrt(d)
 to an fp32 scratch [B, N, N]. `_density_kernel` (grid B x row blocks) finds the k = n_clusters
 smallest distances of each row by bisection on the order-preserving int32 view of the floats and
-writes the density and the row maximum. `_score_kernel` (grid B x row blocks) writes
-score = density * delta. `_select_kernel` (grid B) picks the top n_clusters scores (ties to the
+writes their mean square (the spread; density = exp(-spread)) and the row maximum. `_score_kernel`
+(grid B x row blocks) writes score = density * delta, ranking densities by spread: exp(-spread)
+rounds near 1 in fp32 and would make distinct densities tie. `_select_kernel` (grid B) picks the top n_clusters scores (ties to the
 lower index), writes the centres in ascending order and assigns every candidate to its nearest
 centre. `_merge_kernel` (grid B x cluster blocks x d blocks) sums the members of each cluster with
 a one-hot matmul and divides by the counts.
@@ -113,6 +114,8 @@ def _pairwise_dist_kernel(
     sq = tl.maximum(sq_i[:, None] + sq_j[None, :] - 2.0 * dot, 0.0)
     dist = tl.sqrt(sq) / sqrt_d
     dist = tl.where(offs_i[:, None] == offs_j[None, :], 0.0, dist)
+    if pid_i == pid_j:  # the upper half of a diagonal tile mirrored: dist is exactly symmetric
+        dist = tl.where(offs_i[:, None] < offs_j[None, :], dist, tl.trans(dist))
 
     dist_base = dist_ptr + pid_b * N * N
     in_i = offs_i < N
@@ -153,12 +156,12 @@ def _density_kernel(
     n_below = tl.sum(below.to(tl.int32), 1)
     kth = tl.max(tl.where(valid & (key <= lo[:, None]), dist, 0.0), 1)
     sq_sum = tl.sum(tl.where(below, dist * dist, 0.0), 1) + (k - n_below).to(tl.float32) * (kth * kth)
-    density = tl.exp(-(sq_sum / tl.maximum(k, 1).to(tl.float32)))
+    spread = sq_sum / tl.maximum(k, 1).to(tl.float32)
     row_max = tl.max(tl.where(valid, dist, 0.0), 1)
 
     in_row = offs_r < n
     aux_base = aux_ptr + pid_b * 3 * N
-    tl.store(aux_base + offs_r, density, mask=in_row)
+    tl.store(aux_base + offs_r, spread, mask=in_row)
     tl.store(aux_base + N + offs_r, row_max, mask=in_row)
 
 
@@ -177,16 +180,16 @@ def _score_kernel(
     in_c = offs_c < n
     aux_base = aux_ptr + pid_b * 3 * N
 
-    density_col = tl.load(aux_base + offs_c, mask=in_c, other=0.0)
-    density_row = tl.load(aux_base + offs_r, mask=in_r, other=0.0)
+    spread_col = tl.load(aux_base + offs_c, mask=in_c, other=0.0)
+    spread_row = tl.load(aux_base + offs_r, mask=in_r, other=0.0)
     dist_max = tl.max(tl.load(aux_base + N + offs_c, mask=in_c, other=0.0), 0)
     valid = in_r[:, None] & in_c[None, :]
     dist = tl.load(dist_ptr + pid_b * N * N + offs_r.to(tl.int64)[:, None] * N + offs_c[None, :],
                    mask=valid, other=0.0)
-    higher = (density_col[None, :] > density_row[:, None]) | (
-        (density_col[None, :] == density_row[:, None]) & (offs_c[None, :] < offs_r[:, None]))
+    higher = (spread_col[None, :] < spread_row[:, None]) | (
+        (spread_col[None, :] == spread_row[:, None]) & (offs_c[None, :] < offs_r[:, None]))
     delta = tl.min(tl.where(valid & higher, dist, dist_max), 1)
-    tl.store(aux_base + 2 * N + offs_r, density_row * delta, mask=in_r)
+    tl.store(aux_base + 2 * N + offs_r, tl.exp(-spread_row) * delta, mask=in_r)
 
 
 @triton.jit(do_not_specialize=["stride_nc", "stride_ncl", "stride_eb", "stride_ab", "N", "C"])
@@ -330,7 +333,7 @@ def recycle(hidden: torch.Tensor, cand_idx: torch.Tensor, n_cand: torch.Tensor, 
     if batch == 0:
         return merged, centres, assign
 
-    # Scratch: pairwise distances, and per candidate density / row maximum / score.
+    # Scratch: pairwise distances, and per candidate spread / row maximum / score.
     dist = torch.empty((batch, n_slots, n_slots), dtype=torch.float32, device=device)
     aux = torch.empty((batch, 3, n_slots), dtype=torch.float32, device=device)
 

@@ -212,14 +212,15 @@ def dpc_knn(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tenso
     n, d = x.shape
     xf = x.float()
     dist = torch.cdist(xf[None], xf[None])[0] / math.sqrt(d)
-    dist.fill_diagonal_(0.0)
+    dist = torch.triu(dist, 1) + torch.triu(dist, 1).T  # exactly symmetric, as the kernel's mirrored tiles:
+    # mutual nearest neighbours then tie exactly in density, and the tie goes to the lower index
     nearest = torch.topk(dist, k=n_clusters, dim=-1, largest=False).values
-    density = torch.exp(-(nearest ** 2).mean(-1))
+    spread = (nearest ** 2).mean(-1)  # density = exp(-spread), compared by spread: exp rounds near 1
     idx = torch.arange(n, device=x.device)
-    higher = (density[None, :] > density[:, None]) | (
-        (density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
+    higher = (spread[None, :] < spread[:, None]) | (
+        (spread[None, :] == spread[:, None]) & (idx[None, :] < idx[:, None]))
     delta = torch.where(higher, dist, dist.max()).min(-1).values
-    score = density * delta
+    score = torch.exp(-spread) * delta
     centres = torch.sort(score, descending=True, stable=True).indices[:n_clusters].sort().values
     assign = dist[:, centres].argmin(-1)
     assign[centres] = torch.arange(n_clusters, device=x.device)
