@@ -5,6 +5,8 @@ are removed by unsparsify, which leaves the model exactly as it was.
 
 - a pre-hook on the multimodal model reads input_ids (visual positions), the 2-D attention
   mask and the cache, and decides the phase: prefill (prune), decode, or dense;
+- for mRoPE models (Qwen2-VL), a pre-hook on the language model keeps the 3-D position ids
+  the multimodal model computed (RoPE gravity measures distances along each axis);
 - a pre-hook on layer 0 picks the raters;
 - a pre-hook on every later layer swaps in the mask, RoPE rows and position ids of the
   compacted layout it runs on (prefill) or its own decode mask (decode);

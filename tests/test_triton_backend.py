@@ -9,7 +9,7 @@ import torch
 import sparsevlm_engine as sve
 from kernel_checks import DEVICE
 from sparsevlm_engine.pruning import Pruner
-from tiny import llava_next_prompts, llava_prompts, tiny_llava, tiny_llava_next
+from tiny import llava_next_prompts, llava_prompts, qwen_prompts, tiny_llava, tiny_llava_next, tiny_qwen, with_token_types
 
 NEW_TOKENS = 4
 PRESETS = {
@@ -24,6 +24,13 @@ def _setup(family, dtype=torch.float32):
     if family == "llava":
         model = tiny_llava("sdpa", dtype=dtype)
         inputs = llava_prompts(before=(3, 6, 1), after=(5, 9, 7))
+    elif family.startswith("qwen"):
+        model = tiny_qwen(family, "sdpa", dtype=dtype)
+        media = [[("image", (12, 12)), ("video", (2, 8, 8))], [("video", (2, 6, 8)), ("image", (8, 8))]]
+        inputs = with_token_types(*qwen_prompts(media, before=(3, 6), after=(5, 9)))
+        for key in ("pixel_values", "pixel_values_videos"):
+            inputs[key] = inputs[key].to(dtype)
+        return model.to(DEVICE), {k: v.to(DEVICE) for k, v in inputs.items()}
     else:
         model = tiny_llava_next("sdpa", dtype=dtype)
         inputs, _ = llava_next_prompts(model, [[28, 56], [56, 56], [56, 28]], before=(3, 6, 1), after=(5, 9, 7))
@@ -41,7 +48,8 @@ def _run(model, inputs, config, generate):
     return logits, trace, generated
 
 
-CASES = [("llava", preset) for preset in PRESETS] + [("llava_next", "v1.5"), ("llava_next", "v2")]
+CASES = [("llava", preset) for preset in PRESETS] + [("llava_next", "v1.5"), ("llava_next", "v2")] + [
+    (family, preset) for family in ("qwen2_vl", "qwen2_5_vl") for preset in ("v1", "v1.5", "v2")]
 
 
 @pytest.mark.parametrize("family,preset", CASES)
