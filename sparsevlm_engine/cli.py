@@ -1,6 +1,7 @@
 """The `sparsevlm` command: an offline demo, and generation with a local checkpoint.
 
-    sparsevlm demo [--budget 128] [--preset v1.5] [--out DIR] [--seed N] [--prompt TEXT] [--repeats N]
+    sparsevlm demo [--family llava|qwen2_vl|qwen2_5_vl] [--budget 128] [--preset v1.5] [--out DIR] [--seed N]
+                   [--prompt TEXT] [--repeats N]
     sparsevlm generate --model PATH --image IMG --prompt TEXT [--budget 128] [--preset v1.5] ...
 
 Bad arguments (missing files, unreadable image, budget <= 0, unknown preset) end with exit
@@ -15,6 +16,9 @@ import time
 from pathlib import Path
 
 PNG_NAME = "kept_patches.png"
+DEMO_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+LLAVA_PLAIN_PROMPT = "USER: <image>\n{prompt} ASSISTANT:"
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 class CliError(Exception):
@@ -36,14 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--preset", default="v1.5", help="v1 (rank), v1.5 (default) or v2 (SparseVLM+)")
         p.add_argument("--out", default="sparsevlm_out", help="folder for the PNG (default ./sparsevlm_out)")
 
-    demo = sub.add_parser("demo", help="run a random-weight LLaVA-1.5-shaped model on the bundled image, offline")
+    demo = sub.add_parser("demo", help="run a random-weight LLaVA-1.5- or Qwen2-VL-shaped model on the bundled "
+                                       "image, offline")
     common(demo)
+    demo.add_argument("--family", default="llava", choices=DEMO_FAMILIES,
+                      help="llava (default: LLaVA-1.5 geometry, 576 visual tokens), qwen2_vl or qwen2_5_vl "
+                           "(14 px patches merged 2x2: 144 visual tokens)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     demo.add_argument("--prompt", default=None, help="question about the image")
     demo.add_argument("--repeats", type=int, default=5, help="timed prefills per variant (default 5)")
     demo.add_argument("--max-new-tokens", type=int, default=8)
 
-    gen = sub.add_parser("generate", help="generate with a local LLaVA / LLaVA-NeXT checkpoint, sparsified")
+    gen = sub.add_parser("generate", help="generate with a local LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL "
+                                          "checkpoint, sparsified")
     gen.add_argument("--model", required=True, help="local Hugging Face checkpoint folder")
     gen.add_argument("--image", required=True, help="image file")
     gen.add_argument("--prompt", required=True, help="question about the image")
@@ -141,6 +150,52 @@ def _decode_new(tokenizer, output_ids, prompt_len: int) -> str:
     return tokenizer.decode(output_ids[0, prompt_len:], skip_special_tokens=True).strip()
 
 
+def _llava_demo(args, config):
+    """(model, tokenizer, image, inputs, header, heatmap grid) of the LLaVA-1.5-shaped demo."""
+    import sparsevlm_engine as sve
+    from .demo_model import DEFAULT_PROMPT, build_demo_llava, demo_inputs, load_demo_image
+
+    prompt = DEFAULT_PROMPT
+    if args.prompt is not None:
+        prompt = args.prompt if "<image>" in args.prompt else LLAVA_PLAIN_PROMPT.format(prompt=args.prompt)
+    model, tokenizer = build_demo_llava(seed=args.seed)
+    sve.unsparsify(sparsify_or_fail(model, config))  # fail early on a config this model cannot take
+    image = load_demo_image()
+    try:
+        inputs = demo_inputs(tokenizer, image, prompt)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    text = model.config.text_config
+    header = (f"SparseVLM demo: random-weight LLaVA-1.5-shaped model ({inputs['input_ids'].shape[1]} prompt "
+              f"tokens, 576 visual; {text.num_hidden_layers} decoder layers of width {text.hidden_size})")
+    return model, tokenizer, image, inputs, header, None
+
+
+def _qwen_demo(args, config):
+    """(model, tokenizer, image, inputs, header, heatmap grid) of the Qwen2-VL / Qwen2.5-VL demo."""
+    import sparsevlm_engine as sve
+    from .demo_model import load_demo_image
+    from .demo_qwen import (DEFAULT_QUESTION, FAMILY_NAMES, MERGE_SIZE, PATCH_SIZE, PLAIN_PROMPT, build_demo_qwen,
+                            merged_grid, qwen_inputs)
+
+    model, processor = build_demo_qwen(args.family, seed=args.seed)
+    sve.unsparsify(sparsify_or_fail(model, config))
+    image = load_demo_image()
+    prompt = build_prompt(processor, DEFAULT_QUESTION if args.prompt is None else args.prompt, PLAIN_PROMPT)
+    try:
+        inputs = qwen_inputs(processor, image, prompt)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    _, h, w = (int(x) for x in inputs["image_grid_thw"][0])
+    rows, cols = merged_grid(inputs["image_grid_thw"])
+    text = model.config.text_config
+    header = (f"SparseVLM demo: random-weight {FAMILY_NAMES[args.family]}-shaped model "
+              f"({inputs['input_ids'].shape[1]} prompt tokens, {rows * cols} visual: the {image.width}x{image.height} "
+              f"image as {h}x{w} patches of {PATCH_SIZE} px merged {MERGE_SIZE}x{MERGE_SIZE}; "
+              f"{text.num_hidden_layers} decoder layers of width {text.hidden_size})")
+    return model, processor.tokenizer, image, inputs, header, (rows, cols)
+
+
 def run_demo(args) -> int:
     config = make_config(args.preset, args.budget)
     if args.repeats < 1:
@@ -151,22 +206,11 @@ def run_demo(args) -> int:
 
     import sparsevlm_engine as sve
     from .accounting import DecoderDims, prefill_flops
-    from .demo_model import DEFAULT_PROMPT, build_demo_llava, demo_inputs, load_demo_image
     from .heatmap import draw_kept_patches
 
-    prompt = DEFAULT_PROMPT
-    if args.prompt is not None:
-        prompt = args.prompt if "<image>" in args.prompt else f"USER: <image>\n{args.prompt} ASSISTANT:"
-    model, tokenizer = build_demo_llava(seed=args.seed)
-    sve.unsparsify(sparsify_or_fail(model, config))  # fail early on a config this model cannot take
-    image = load_demo_image()
-    try:
-        inputs = demo_inputs(tokenizer, image, prompt)
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    text = model.config.text_config
-    print(f"SparseVLM demo: random-weight LLaVA-1.5-shaped model ({inputs['input_ids'].shape[1]} prompt "
-          f"tokens, 576 visual; {text.num_hidden_layers} decoder layers of width {text.hidden_size})")
+    setup = _llava_demo if args.family == "llava" else _qwen_demo
+    model, tokenizer, image, inputs, header, grid = setup(args, config)
+    print(header)
     print("NOTE: the weights are random, so the generated text is meaningless; the token counts, "
           "FLOPs and timings are real.")
     print(f"preset {args.preset}, budget {args.budget}")
@@ -191,7 +235,7 @@ def run_demo(args) -> int:
     print("  (whole forward pass, vision tower included; a tiny model on a CPU, not a GPU figure)")
     print(f"dense output (meaningless, random weights):  {_decode_new(tokenizer, dense_out, n_prompt)!r}")
     print(f"sparse output (meaningless, random weights): {_decode_new(tokenizer, sparse_out, n_prompt)!r}")
-    png = draw_kept_patches(image, trace.samples[0], Path(args.out) / PNG_NAME)
+    png = draw_kept_patches(image, trace.samples[0], Path(args.out) / PNG_NAME, grid=grid)
     print(f"kept patches: {png}")
     return 0
 
@@ -226,17 +270,75 @@ def _device_and_dtype(device: str, dtype: str):
     return torch.device(device), getattr(torch, dtype)
 
 
-def build_prompt(processor, prompt: str) -> str:
-    """The processor's chat template with one image, else LLaVA-1.5's "USER: <image>\\n... ASSISTANT:".
+def build_prompt(processor, prompt: str, plain: str = LLAVA_PLAIN_PROMPT) -> str:
+    """The processor's chat template with one image, else `plain` with {prompt} filled in
+    (LLaVA-1.5's "USER: <image>\\n... ASSISTANT:" by default).
 
-    A prompt that already contains "<image>" is used as it is.
+    A prompt that already contains the processor's image token ("<image>" unless it names
+    another, e.g. Qwen's "<|image_pad|>") is used as it is.
     """
-    if "<image>" in prompt:
+    if (getattr(processor, "image_token", None) or "<image>") in prompt:
         return prompt
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: <image>\n{prompt} ASSISTANT:"
+    return plain.format(prompt=prompt)
+
+
+def load_processor(path: Path, model_type: str):
+    """The checkpoint's `AutoProcessor`; for Qwen, where that cannot be built (its video processor
+    needs torchvision), its image processor, tokenizer and chat template in an `ImageQwen2VLProcessor`."""
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, ImportError, TypeError) as e:
+        if model_type not in QWEN_TYPES:
+            raise CliError(f"cannot load the checkpoint in {path}: {_first_line(e)}") from None
+    from .demo_qwen import load_qwen_processor
+
+    try:
+        return load_qwen_processor(path)
+    except (OSError, ValueError, ImportError, TypeError) as e:
+        raise CliError(f"cannot load the checkpoint in {path}: {_first_line(e)}") from None
+
+
+def model_inputs(processor, image, prompt: str, model_type: str, device, dtype) -> dict:
+    """The processor's tensors on `device`, pixel_values in `dtype`; CliError when it rejects the prompt.
+
+    LLaVA: input_ids, attention_mask [1, L], pixel_values. Qwen: also image_grid_thw [1, 3] and
+    (transformers 5) mm_token_type_ids [1, L]; pixel_values [t*h*w, 3*2*14*14].
+    """
+    if model_type in QWEN_TYPES:
+        from .demo_qwen import PLAIN_PROMPT, qwen_inputs
+
+        try:
+            inputs = qwen_inputs(processor, image, build_prompt(processor, prompt, PLAIN_PROMPT))
+        except ValueError as e:
+            raise CliError(_first_line(e)) from None
+    else:
+        inputs = processor(images=image, text=build_prompt(processor, prompt), return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in inputs.items() if k != "token_type_ids"}  # neither family takes them
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def heatmap_view(hf_config, image, inputs):
+    """(image shown, grid) for the kept-patch PNG of the first image.
+
+    LLaVA: the CLIP square, grid = image_size / patch_size; LLaVA-NeXT: its base tile, the whole
+    image resized square. Qwen: the whole image over its merged-patch grid (h/2, w/2) of
+    image_grid_thw.
+    """
+    vision = hf_config.vision_config
+    if hf_config.model_type in QWEN_TYPES:
+        from .demo_qwen import merged_grid
+
+        return image, merged_grid(inputs["image_grid_thw"].cpu(), vision.spatial_merge_size)
+    grid = vision.image_size // vision.patch_size
+    if hf_config.model_type == "llava_next":
+        return image.resize((vision.image_size, vision.image_size)), grid
+    return image, grid
 
 
 def run_generate(args) -> int:
@@ -258,21 +360,19 @@ def run_generate(args) -> int:
         hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CliError(f"cannot read the model config in {path}: {_first_line(e)}") from None
-    if hf_config.model_type not in FAMILIES:
-        raise CliError(f"unsupported model type {hf_config.model_type!r}; supported: {', '.join(FAMILIES)}")
-    model_cls = getattr(transformers, FAMILIES[hf_config.model_type].model_class)
+    model_type = hf_config.model_type
+    if model_type not in FAMILIES:
+        raise CliError(f"unsupported model type {model_type!r}; supported: {', '.join(FAMILIES)}")
+    model_cls = getattr(transformers, FAMILIES[model_type].model_class)
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    processor = load_processor(path, model_type)
     try:
-        processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
         model = model_cls.from_pretrained(path, local_files_only=True, **{dtype_kw: dtype})
     except (OSError, ValueError) as e:
         raise CliError(f"cannot load the checkpoint in {path}: {_first_line(e)}") from None
     model = model.to(device).eval()
 
-    text = build_prompt(processor, args.prompt)
-    inputs = processor(images=image, text=text, return_tensors="pt")
-    inputs = {k: v.to(device) for k, v in inputs.items() if k != "token_type_ids"}  # LLaVA takes none
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    inputs = model_inputs(processor, image, args.prompt, model_type, device, dtype)
     sparsify_or_fail(model, config)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -282,12 +382,7 @@ def run_generate(args) -> int:
     print(f"preset {args.preset}, budget {args.budget}; pruning layers: "
           f"{', '.join(str(x) for x in trace.pruning_layers)}")
     report(trace)
-
-    vision = hf_config.vision_config
-    grid = vision.image_size // vision.patch_size
-    shown = image
-    if hf_config.model_type == "llava_next":  # its base tile is the whole image resized to a square
-        shown = image.resize((vision.image_size, vision.image_size))
+    shown, grid = heatmap_view(hf_config, image, inputs)
     png = draw_kept_patches(shown, trace.samples[0], Path(args.out) / PNG_NAME, grid=grid)
     print(f"kept patches: {png}")
     return 0

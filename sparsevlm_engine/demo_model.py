@@ -39,25 +39,36 @@ they he she me my your our their has have had made kind type same different othe
 _PUNCTUATION = list(".,:;?!'\"()-") + [str(d) for d in range(10)]
 
 
-def build_demo_tokenizer():
-    """A `PreTrainedTokenizerFast` over a few hundred lower-cased words, built offline.
+def word_tokenizer(special_tokens, extra_words=()):
+    """A `tokenizers.Tokenizer` over the special tokens, then a few hundred lower-cased words.
 
-    Unknown words map to "<unk>"; "<image>" is a special token; a "<s>" is prepended.
+    Unknown words map to "<unk>" (which must be among the special tokens).
     """
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for word in list(dict.fromkeys(_WORDS)) + _PUNCTUATION:
+    vocab = {tok: i for i, tok in enumerate(special_tokens)}
+    for word in list(dict.fromkeys(_WORDS)) + _PUNCTUATION + list(extra_words):
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, tidies punctuation
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(list(special_tokens))
+    return tok
+
+
+def build_demo_tokenizer():
+    """A `PreTrainedTokenizerFast` over a few hundred lower-cased words, built offline.
+
+    Unknown words map to "<unk>"; "<image>" is a special token; a "<s>" is prepended.
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = word_tokenizer(SPECIAL_TOKENS)
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

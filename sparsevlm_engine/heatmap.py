@@ -34,6 +34,13 @@ def square_view(image: Image.Image, side: int) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+def fit_view(image: Image.Image, rows: int, cols: int, side: int) -> Image.Image:
+    """The whole image resized to a rows x cols grid's aspect, its longer side `side`: what a
+    Qwen2-VL-style processor sees (it resizes, it does not crop)."""
+    scale = side / max(rows, cols)
+    return image.convert("RGB").resize((round(cols * scale), round(rows * scale)), Image.Resampling.BICUBIC)
+
+
 def grid_for(n_visual: int, grid: int | None = None) -> tuple[int, str]:
     """(g, note): the g x g grid drawn for n_visual visual tokens.
 
@@ -54,17 +61,26 @@ def grid_for(n_visual: int, grid: int | None = None) -> tuple[int, str]:
     return g, f"showing the first {g}x{g} of {n_visual} visual tokens (base image tile)"
 
 
-def _panel(base: Image.Image, g: int, bright: set[int], centres: set[int], members: set[int]) -> Image.Image:
+def rect_grid_for(n_visual: int, rows: int, cols: int) -> str:
+    """The note for a rows x cols grid drawn over the first rows * cols of n_visual tokens."""
+    if rows < 1 or cols < 1 or rows * cols > n_visual:
+        raise ValueError(f"a {rows}x{cols} grid does not fit {n_visual} visual tokens")
+    if rows * cols == n_visual:
+        return ""
+    return f"showing the first {rows}x{cols} of {n_visual} visual tokens (first image)"
+
+
+def _panel(base: Image.Image, rows: int, cols: int, bright: set[int], centres: set[int],
+           members: set[int]) -> Image.Image:
     """The image with every patch outside `bright` dimmed; recycled patches outlined."""
-    side = base.size[0]
     dark = Image.eval(base, lambda v: int(v * DIM))
     mask = Image.new("L", base.size, 0)
     md = ImageDraw.Draw(mask)
-    cell = side / g
+    cw, ch = base.size[0] / cols, base.size[1] / rows
     boxes = {}
-    for p in range(g * g):
-        r, c = divmod(p, g)
-        boxes[p] = (round(c * cell), round(r * cell), round((c + 1) * cell) - 1, round((r + 1) * cell) - 1)
+    for p in range(rows * cols):
+        r, c = divmod(p, cols)
+        boxes[p] = (round(c * cw), round(r * ch), round((c + 1) * cw) - 1, round((r + 1) * ch) - 1)
     for p in bright:
         md.rectangle(boxes[p], fill=255)
     out = Image.composite(base, dark, mask)
@@ -76,21 +92,30 @@ def _panel(base: Image.Image, g: int, bright: set[int], centres: set[int], membe
     return out
 
 
-def draw_kept_patches(image: Image.Image, trace_sample, out_path, grid: int | None = None) -> Path:
+def draw_kept_patches(image: Image.Image, trace_sample, out_path, grid: int | tuple[int, int] | None = None) -> Path:
     """Write a PNG: the input image, then one panel per pruning layer of `trace_sample`.
 
     image: the picture given to the model (a PIL image; it is shown as the square crop a
-        CLIP-style processor takes). trace_sample: a `SampleTrace` (visual_positions, pruning).
+        CLIP-style processor takes, or whole with a (rows, cols) grid). trace_sample: a
+        `SampleTrace` (visual_positions, pruning).
     In a layer's panel, bright patches are the visual tokens leaving that layer, dark ones were
     pruned by then; an orange box marks a recycled (merged) token, drawn at its centre patch,
     and thin blue boxes mark the patches merged into recycled tokens at that layer.
-    grid: the side of the patch grid, for a sample whose visual token count is not a square.
+    grid: the side of the patch grid, for a sample whose visual token count is not a square;
+        or (rows, cols), row-major tokens of a whole image resized to that grid (Qwen2-VL's merged
+        patches), shown uncropped.
     Returns the path written.
     """
     positions = tuple(trace_sample.visual_positions)
-    g, note = grid_for(len(positions), grid)
-    index = {pos: i for i, pos in enumerate(positions) if i < g * g}  # position -> patch
-    base = square_view(image, PANEL)
+    if isinstance(grid, tuple):
+        rows, cols = grid
+        note = rect_grid_for(len(positions), rows, cols)
+        base = fit_view(image, rows, cols, PANEL)
+    else:
+        rows, note = grid_for(len(positions), grid)
+        cols = rows
+        base = square_view(image, PANEL)
+    index = {pos: i for i, pos in enumerate(positions) if i < rows * cols}  # position -> patch
 
     def patches(pos_iter) -> set[int]:
         return {index[p] for p in pos_iter if p in index}
@@ -104,7 +129,7 @@ def draw_kept_patches(image: Image.Image, trace_sample, out_path, grid: int | No
         bright = patches(rec.kept) | patches(new_centres)
         title = (f"after layer {rec.layer}: {rec.visual_after} tokens"
                  f" ({len(rec.kept)} kept + {len(rec.recycled)} recycled)")
-        panels.append((_panel(base, g, bright, patches(alive_centres), patches(members)), title))
+        panels.append((_panel(base, rows, cols, bright, patches(alive_centres), patches(members)), title))
 
     width = len(panels) * PANEL + (len(panels) + 1) * GAP
     height = TITLE_H + PANEL + LEGEND_H + GAP
@@ -113,7 +138,7 @@ def draw_kept_patches(image: Image.Image, trace_sample, out_path, grid: int | No
     font, small = _font(14), _font(12)
     for i, (panel, title) in enumerate(panels):
         x = GAP + i * (PANEL + GAP)
-        sheet.paste(panel, (x, TITLE_H))
+        sheet.paste(panel, (x + (PANEL - panel.size[0]) // 2, TITLE_H + (PANEL - panel.size[1]) // 2))
         draw.text((x, TITLE_H // 2 - 8), title, fill=(0, 0, 0), font=font)
     legend = ("bright: visual tokens kept after the layer; dark: pruned; orange box: recycled "
               "(merged) token at its centre patch; blue box: patch merged into a recycled token")

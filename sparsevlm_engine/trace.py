@@ -1,7 +1,8 @@
 """What one sparse prefill did, per sample: raters, kept and recycled tokens, counts, FLOPs.
 
 Positions are indices into the sample's own tokens with padding removed (0 = its first real
-token), which is also the RoPE position id the model gives them.
+token): the RoPE position id the model gives them for 1-D RoPE (LLaVA). Under mRoPE (Qwen2-VL)
+a token's 3-D id is the model's own for that index, kept through pruning.
 """
 from __future__ import annotations
 

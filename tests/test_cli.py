@@ -12,7 +12,13 @@ from sparsevlm_engine.demo_model import (
     CLIP_MEAN, CLIP_STD, N_VISUAL, build_demo_processor, build_demo_tokenizer, demo_config, demo_inputs,
     draw_demo_image, load_demo_image, save_demo_checkpoint,
 )
-from sparsevlm_engine.heatmap import DIM, GAP, PANEL, RECYCLED_CENTRE, TITLE_H, draw_kept_patches, grid_for
+from sparsevlm_engine.demo_qwen import (
+    CHAT_TEMPLATE, IMAGE_BLOCK, IMAGE_TOKEN, PLAIN_PROMPT, build_qwen_processor, build_qwen_tokenizer,
+    load_qwen_processor, qwen_inputs, save_qwen_demo_checkpoint,
+)
+from sparsevlm_engine.heatmap import (
+    BACKGROUND, DIM, GAP, PANEL, RECYCLED_CENTRE, TITLE_H, draw_kept_patches, grid_for, rect_grid_for,
+)
 from sparsevlm_engine.trace import FlopsReport, PruningRecord, RecycledToken, SampleTrace
 
 
@@ -59,6 +65,28 @@ def test_demo_inputs_expand_the_image_token_and_normalise():
         demo_inputs(tok, image, "no image here")
 
 
+def test_qwen_inputs_expand_the_image_pad_as_the_processor_does():
+    processor = build_qwen_processor(build_qwen_tokenizer())
+    image = Image.new("RGB", (500, 400), tuple(round(255 * m) for m in CLIP_MEAN))
+    inputs = qwen_inputs(processor, image, cli.build_prompt(processor, "What is the colour of the square?"))
+    ids = inputs["input_ids"]
+    tok = processor.tokenizer
+    t, h, w = inputs["image_grid_thw"][0].tolist()
+    assert (t, h, w) == (1, 28, 36)  # 400 x 500 resized to multiples of 28: 392 x 504, patches of 14
+    pads = ids[0] == tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert int(pads.sum()) == h * w // 4
+    first = int(pads.nonzero()[0])
+    assert ids[0, first - 1] == tok.convert_tokens_to_ids("<|vision_start|>")
+    assert ids[0, first + h * w // 4] == tok.convert_tokens_to_ids("<|vision_end|>")
+    assert tok.unk_token_id not in ids.tolist()[0]
+    assert inputs["pixel_values"].shape == (t * h * w, 3 * 2 * 14 * 14)
+    assert inputs["pixel_values"].abs().max() < 0.01  # the mean colour normalises to ~0
+    if "mm_token_type_ids" in inputs:  # transformers 5
+        assert torch.equal(inputs["mm_token_type_ids"][0].bool(), pads)
+    with pytest.raises(ValueError, match="once and no other"):
+        qwen_inputs(processor, image, f"{IMAGE_BLOCK}{IMAGE_TOKEN} twice")
+
+
 # ---------------------------------------------------------------- demo command
 
 def test_demo_runs_and_writes_png(tmp_path, capsys):
@@ -75,6 +103,26 @@ def test_demo_runs_and_writes_png(tmp_path, capsys):
     counts = [int(n) for n in entering]
     assert len(counts) == 32 and counts[:3] == [576] * 3
     assert all(a >= b for a, b in zip(counts, counts[1:])) and counts[-1] < 576
+    assert_png(tmp_path / cli.PNG_NAME, (4 * PANEL, PANEL))
+
+
+def test_qwen_demo_runs_and_writes_png(tmp_path, capsys):
+    code, out, err = run_cli(
+        ["demo", "--family", "qwen2_vl", "--repeats", "1", "--max-new-tokens", "2", "--out", str(tmp_path)], capsys
+    )
+    assert code == 0, err
+    assert "Qwen2-VL-shaped" in out and "meaningless" in out
+    assert "144 visual: the 336x336 image as 24x24 patches of 14 px merged 2x2" in out
+    after = re.search(r"visual tokens 144 -> (\d+) \(after layer 2\) -> (\d+) \(after layer 6\) -> (\d+) "
+                      r"\(after layer 15\)", out)
+    assert after, out
+    counts = [144] + [int(n) for n in after.groups()]
+    assert all(a > b for a, b in zip(counts, counts[1:]))
+    entering = [int(n) for n in re.search(r"entering each decoder layer: ([\d ]+)", out).group(1).split()]
+    assert len(entering) == 32 and entering[:3] == [144] * 3 and entering[-1] == counts[-1]
+    reduction = float(re.search(r"decoder FLOPs reduction: (\d+\.\d)% \(paper formula\)", out).group(1))
+    assert 0 < reduction < 100
+    assert re.search(r"ratio sparse/dense \d+\.\d\d", out)
     assert_png(tmp_path / cli.PNG_NAME, (4 * PANEL, PANEL))
 
 
@@ -113,6 +161,9 @@ def _generate(model, image, *extra):
     ("zero-new-tokens", "--max-new-tokens must be >= 1"),
     ("zero-repeats", "--repeats must be >= 1"),
     ("demo-budget-too-small", "budget 30 is below"),
+    ("qwen-demo-budget-too-small", "budget 30 is below"),
+    ("qwen-demo-two-images", "once and no other '<|image_pad|>'"),
+    ("demo-unknown-family", "invalid choice: 'gpt'"),
 ])
 def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file, capsys):
     bad_image = tmp_path / "bad.png"
@@ -131,6 +182,9 @@ def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file
         "zero-new-tokens": _generate(fake_model_dir, image_file, "--max-new-tokens", "0"),
         "zero-repeats": ["demo", "--repeats", "0"],
         "demo-budget-too-small": ["demo", "--budget", "30"],
+        "qwen-demo-budget-too-small": ["demo", "--family", "qwen2_vl", "--budget", "30"],
+        "qwen-demo-two-images": ["demo", "--family", "qwen2_vl", "--prompt", f"{IMAGE_BLOCK}{IMAGE_BLOCK}"],
+        "demo-unknown-family": ["demo", "--family", "gpt"],
     }[case]
     code, out, err = run_cli(argv, capsys)
     assert code == 2
@@ -140,7 +194,7 @@ def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file
 
 
 @pytest.mark.parametrize("config_json, message", [
-    ('{"model_type": "bert"}', "unsupported model type 'bert'; supported: llava, llava_next"),
+    ('{"model_type": "bert"}', "unsupported model type 'bert'; supported: llava, llava_next, qwen2_vl, qwen2_5_vl"),
     ("not json", "cannot read the model config"),
 ])
 def test_bad_checkpoint_config_exits_2(config_json, message, fake_model_dir, image_file, capsys):
@@ -220,6 +274,60 @@ def test_generate_with_a_llava_next_checkpoint_draws_the_base_tile(tmp_path, cap
     assert_png(tmp_path / "out" / cli.PNG_NAME, (4 * PANEL, PANEL))
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_generate_with_a_local_qwen_checkpoint(family, tmp_path, capsys):
+    ckpt = tmp_path / "qwen"
+    save_qwen_demo_checkpoint(ckpt, family, seed=1)
+    image = tmp_path / "wide.png"
+    draw_demo_image(336).resize((224, 168)).save(image)  # 12 x 16 patches: 6 x 8 visual tokens
+    code, out, err = run_cli(
+        ["generate", "--model", str(ckpt), "--image", str(image), "--prompt", "What is the colour of the square?",
+         "--max-new-tokens", "3", "--out", str(tmp_path / "out")],
+        capsys,
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].strip() and lines[1].startswith("preset v1.5, budget 128; pruning layers: 2, 6, 15")
+    after = re.search(r"visual tokens 48 -> (\d+) \(after layer 2\) -> (\d+) \(after layer 6\) -> (\d+) ", out)
+    assert after, out
+    counts = [48] + [int(n) for n in after.groups()]
+    assert all(a > b for a, b in zip(counts, counts[1:]))
+    assert "decoder FLOPs reduction" in out
+    png = tmp_path / "out" / cli.PNG_NAME
+    assert_png(png, (4 * PANEL, PANEL))
+    with Image.open(png) as im:
+        sheet = im.convert("RGB")
+    assert sheet.getpixel((GAP + PANEL // 2, TITLE_H + 10)) == BACKGROUND  # a 6 x 8 grid: 336 x 252, letterboxed
+
+
+def test_generate_qwen_checkpoint_without_image_processor_exits_2(tmp_path, image_file, capsys):
+    ckpt = tmp_path / "qwen"
+    save_qwen_demo_checkpoint(ckpt, depth=4)
+    (ckpt / "preprocessor_config.json").unlink()
+    code, out, err = run_cli(_generate(ckpt, image_file), capsys)
+    assert code == 2 and f"cannot load the checkpoint in {ckpt}" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and out == ""
+
+
+def test_qwen_processor_takes_the_checkpoints_chat_template(tmp_path):
+    save_qwen_demo_checkpoint(tmp_path, depth=4)
+    assert load_qwen_processor(tmp_path).chat_template == CHAT_TEMPLATE
+    custom = "{% for m in messages %}<|vision_start|><|image_pad|><|vision_end|>{% endfor %}"
+    (tmp_path / "chat_template.jinja").write_text(custom)
+    processor = load_qwen_processor(tmp_path)
+    assert processor.chat_template == custom
+    assert cli.build_prompt(processor, "Why?") == IMAGE_BLOCK
+
+
+def test_build_prompt_for_qwen():
+    processor = build_qwen_processor(build_qwen_tokenizer())
+    assert cli.build_prompt(processor, "Why?", PLAIN_PROMPT).endswith(
+        f"<|im_start|>user\n{IMAGE_BLOCK}Why?<|im_end|>\n<|im_start|>assistant\n")
+    assert cli.build_prompt(processor, f"{IMAGE_BLOCK} as given", PLAIN_PROMPT) == f"{IMAGE_BLOCK} as given"
+    processor.chat_template = None
+    assert cli.build_prompt(processor, "Why?", PLAIN_PROMPT) == PLAIN_PROMPT.format(prompt="Why?")
+
+
 def test_build_prompt_uses_the_chat_template_when_there_is_one():
     processor = build_demo_processor(build_demo_tokenizer())
     processor.chat_template = None
@@ -280,3 +388,28 @@ def test_heatmap_non_square_counts_use_the_leading_block(tmp_path):
     out = draw_kept_patches(Image.new("RGB", (336, 336), "white"), _fake_sample(n_visual=700), tmp_path / "n.png",
                             grid=24)
     assert_png(out, (3 * PANEL, PANEL))
+
+
+def test_heatmap_rectangular_grid_shows_the_whole_image(tmp_path):
+    """Qwen's 6 x 8 merged-patch grid of a 4:3 image: row-major cells over the uncropped image."""
+    assert rect_grid_for(48, 6, 8) == "" and "first 6x8 of 60" in rect_grid_for(60, 6, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        rect_grid_for(40, 6, 8)
+    colour = (200, 120, 40)
+    out = draw_kept_patches(Image.new("RGB", (400, 300), colour), _fake_sample(n_visual=48), tmp_path / "q.png",
+                            grid=(6, 8))
+    assert_png(out, (3 * PANEL, PANEL))
+    with Image.open(out) as im:
+        sheet = im.convert("RGB")
+    cell, top = PANEL // 8, (PANEL - 6 * PANEL // 8) // 2  # 42 px cells, 252 px tall image centred
+
+    def pixel(panel, patch, dy=0):
+        r, c = divmod(patch, 8)
+        return sheet.getpixel((GAP + panel * (PANEL + GAP) + c * cell + cell // 2,
+                               TITLE_H + top + r * cell + cell // 2 + dy))
+
+    dim = tuple(int(v * DIM) for v in colour)
+    assert pixel(0, 47) == colour
+    assert pixel(1, 3) == colour and pixel(1, 4) == dim and pixel(1, 47) == dim
+    assert pixel(1, 10) == colour and pixel(1, 10, dy=-20) == RECYCLED_CENTRE  # row 1, column 2
+    assert sheet.getpixel((GAP + PANEL // 2, TITLE_H + top // 2)) == BACKGROUND
