@@ -1,0 +1,120 @@
+"""The "authors-style" baseline: SparseVLM scored the way the authors' code scores it.
+
+The authors run the pruning layers with eager attention and ask it for its weights: the full
+softmax attention [H, L, L] of every query over every key is materialised (logits in the model's
+dtype, softmax in fp32 rounded back to the model's dtype, as eager attention builds them), and
+the rater rows x visual columns are sliced out of it, one sample at a time. This engine instead
+recomputes only the rater rows, O(R L) per head, inside one batched kernel.
+
+Everything else is the engine's own (rater choice, selection, recycling, compaction, masks,
+cache), so the baseline is the same method with the authors' scoring, and it keeps the same
+tokens (bench/test_e2e_bench.py asserts that in fp32). `authors_style(model)` switches it on for
+a sparsified model, on that model's own Pruner instance, and restores it on exit. The
+benchmarks run it on one sample at a time (a batch is a loop over its rows), as their code runs.
+
+    with authors_style(model):
+        model(**one_sample)
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from sparsevlm_engine.kernels import reference as ref
+
+PROVIDER = "authors-style"
+
+
+class AuthorsStyleOps:
+    """The engine's ops (any backend) with the scoring replaced by slices of the full attention.
+
+    q_all: [B, H, L, D] post-RoPE queries of every token of the pruning layer, set by the
+    patched Pruner before each scoring call.
+    """
+
+    name = PROVIDER
+
+    def __init__(self, base):
+        self.base = base
+        self.q_all: torch.Tensor | None = None
+
+    def __getattr__(self, name):
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def _rater_probs(self, k, rater_slot, rater_valid, key_valid, visual, scaling, gravity) -> torch.Tensor:
+        """a: [B, H, R, L] fp32 as ref.rater_attention defines it, taken from [H, L, L] matrices."""
+        q_all = self.q_all
+        batch, heads, length, _ = q_all.shape
+        groups = heads // k.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=k.device).tril()
+        lowest = torch.finfo(q_all.dtype).min
+        divisor = None if gravity is None else ref.gravity_lookup(*gravity)
+        out = []
+        for b in range(batch):  # one sample at a time, as their code runs
+            keys = k[b:b + 1].repeat_interleave(groups, dim=1)
+            logits = torch.matmul(q_all[b:b + 1], keys.transpose(2, 3)) * scaling          # [1, H, L, L]
+            allowed = causal & key_valid[b][None, :]
+            logits = logits.masked_fill(~allowed, lowest)
+            attn = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q_all.dtype)      # [1, H, L, L]
+            rows = attn[0][:, rater_slot[b]].float()                                       # [H, R, L]
+            if divisor is not None:
+                rows = rows / divisor[b][None].float()
+            keep = allowed[rater_slot[b]] & rater_valid[b][:, None] & visual[b][None, :]   # [R, L]
+            out.append(torch.where(keep[None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device)))
+        return torch.stack(out)
+
+    def head_relevance(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, gravity=None):
+        return ref.head_relevance(self._rater_probs(k, rater_slot, rater_valid, key_valid, visual, scaling, gravity),
+                                  rater_valid)
+
+    def rater_rows(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, weights, gravity=None):
+        a = self._rater_probs(k, rater_slot, rater_valid, key_valid, visual, scaling, gravity)
+        return ref.rater_rows(a, rater_valid, weights)
+
+
+def _all_queries(pruner, scoring, attn_module, rotary) -> torch.Tensor:
+    """Post-RoPE queries [B, H, L, D] of every token, as the layer's attention computes them."""
+    batch, length = scoring.x.shape[:2]
+    q = attn_module.q_proj(scoring.x).view(batch, length, -1, pruner.head_dim)
+    if hasattr(attn_module, "q_norm"):
+        q = attn_module.q_norm(q)
+    q = q.transpose(1, 2)
+    return rotary(q, q, scoring.cos, scoring.sin)[0]
+
+
+@contextlib.contextmanager
+def authors_style(model):
+    """Score with the full attention matrices while inside; the model must be sparsified."""
+    engine = model.__dict__.get("_sparsevlm_engine")
+    if engine is None:
+        raise RuntimeError("authors_style needs a sparsified model: call sve.sparsify(model, config) first")
+    pruner = engine.pruner
+    names = ("start", "_rater_queries")
+    saved = {name: pruner.__dict__.get(name) for name in names}
+    inner_start = pruner.start
+
+    def start(*args, **kwargs):
+        result = inner_start(*args, **kwargs)
+        if not isinstance(pruner.ops, AuthorsStyleOps):
+            pruner.ops = AuthorsStyleOps(pruner.ops)
+        return result
+
+    def rater_queries(scoring, r_slot, attn_module, rotary):
+        q_all = _all_queries(pruner, scoring, attn_module, rotary)
+        pruner.ops.q_all = q_all
+        return q_all.gather(2, r_slot[:, None, :, None].expand(-1, q_all.shape[1], -1, q_all.shape[-1]))
+
+    pruner.start, pruner._rater_queries = start, rater_queries
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                pruner.__dict__.pop(name, None)
+            else:
+                setattr(pruner, name, value)
+        if isinstance(pruner.ops, AuthorsStyleOps):
+            pruner.ops = pruner.ops.base
