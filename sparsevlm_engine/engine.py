@@ -200,7 +200,7 @@ class SparseEngine:
                                        device=tokens.device)
             else:
                 generated = attention_mask[:, self.prefill.length:].to(torch.bool)
-            self.pending = {"generated": generated, "q_len": q_len}
+            self.pending = {"generated": generated, "q_len": q_len, "masks": {}}
             self.phase = "decode"
         else:
             self.phase = "dense"
@@ -228,12 +228,16 @@ class SparseEngine:
                 kwargs["position_ids"] = stage.position_ids
             return args, kwargs
         if self.phase == "decode":
-            stage = self.prefill.stages[self.layer_stage[index]]
+            stage_index = self.layer_stage[index]
+            stage = self.prefill.stages[stage_index]
             if stage.first_layer == 0:
                 return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs["attention_mask"] = decode_mask(stage.layout.valid, self.pending["generated"],
-                                                   self.pending["q_len"], self.impl, hidden.dtype)
+            masks = self.pending["masks"]  # one per stage and step, shared by the stage's layers
+            if stage_index not in masks:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                masks[stage_index] = decode_mask(stage.layout.valid, self.pending["generated"],
+                                                 self.pending["q_len"], self.impl, hidden.dtype)
+            kwargs["attention_mask"] = masks[stage_index]
             return args, kwargs
         return None
 
