@@ -182,9 +182,10 @@ class SparseEngine:
             self.pending = {"mask": attention_mask, "length": q_len}
             visual = self.family.visual_mask(self.model, input_ids, embeds)
             self.pending["visual"] = visual
-            if bool(visual.any()):
+            has_visual = bool(visual.any())
+            if has_visual:
                 self.family.check_positions(self.model, {**kwargs, "input_ids": input_ids})
-            self.phase = "prefill" if (q_len > 1 and self.config.prunes and bool(visual.any())) else "dense"
+            self.phase = "prefill" if (q_len > 1 and self.config.prunes and has_visual) else "dense"
             self.prefill = None
             if self.phase == "dense":
                 valid = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)

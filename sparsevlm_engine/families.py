@@ -73,7 +73,6 @@ class Family:
             mask |= (inputs_embeds == ref).all(-1)
         return mask
 
-
     def mrope_sections(self, text_config) -> tuple[int, ...] | None:
         """Frequency pairs per mRoPE axis (t, h, w), or None for 1-D RoPE."""
         if not self.mrope:
