@@ -75,16 +75,6 @@ class AuthorsStyleOps:
         return ref.rater_rows(a, rater_valid, weights)
 
 
-def _all_queries(pruner, scoring, attn_module, rotary) -> torch.Tensor:
-    """Post-RoPE queries [B, H, L, D] of every token, as the layer's attention computes them."""
-    batch, length = scoring.x.shape[:2]
-    q = attn_module.q_proj(scoring.x).view(batch, length, -1, pruner.head_dim)
-    if hasattr(attn_module, "q_norm"):
-        q = attn_module.q_norm(q)
-    q = q.transpose(1, 2)
-    return rotary(q, q, scoring.cos, scoring.sin)[0]
-
-
 @contextlib.contextmanager
 def authors_style(model):
     """Score with the full attention matrices while inside; the model must be sparsified."""
@@ -103,7 +93,8 @@ def authors_style(model):
         return result
 
     def rater_queries(scoring, r_slot, attn_module, rotary):
-        q_all = _all_queries(pruner, scoring, attn_module, rotary)
+        q_all = pruner.projected(scoring.x, scoring.cos, scoring.sin, attn_module.q_proj,
+                                 getattr(attn_module, "q_norm", None), rotary)
         pruner.ops.q_all = q_all
         return q_all.gather(2, r_slot[:, None, :, None].expand(-1, q_all.shape[1], -1, q_all.shape[-1]))
 

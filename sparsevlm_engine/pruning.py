@@ -253,23 +253,26 @@ class Pruner:
         return Plan(keep=keep, n_cand=n_cand, n_clusters=n_clusters, after=after)
 
     # ------------------------------------------------------------------ device work
+    def projected(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, proj, norm, rotary) -> torch.Tensor:
+        """Post-RoPE heads [B, H, L, D] of x [B, L, d] through the attention's q or k projection
+        (and its q_norm / k_norm when it has one), as the layer's attention computes them."""
+        batch, length = x.shape[:2]
+        heads = proj(x).view(batch, length, -1, self.head_dim)
+        if norm is not None:
+            heads = norm(heads)
+        heads = heads.transpose(1, 2)
+        return rotary(heads, heads, cos, sin)[0]
+
     def _rater_queries(self, scoring: ScoringInputs, r_slot: torch.Tensor, attn_module, rotary) -> torch.Tensor:
-        batch, n_raters = r_slot.shape
-        q = attn_module.q_proj(gather_rows(scoring.x, r_slot)).view(batch, n_raters, -1, self.head_dim)
-        if hasattr(attn_module, "q_norm"):
-            q = attn_module.q_norm(q)
-        q = q.transpose(1, 2)
-        return rotary(q, q, gather_rows(scoring.cos, r_slot), gather_rows(scoring.sin, r_slot))[0]
+        return self.projected(gather_rows(scoring.x, r_slot), gather_rows(scoring.cos, r_slot),
+                              gather_rows(scoring.sin, r_slot), attn_module.q_proj,
+                              getattr(attn_module, "q_norm", None), rotary)
 
     def _keys(self, scoring: ScoringInputs, attn_module, rotary) -> torch.Tensor:
         if scoring.keys is not None:
             return scoring.keys
-        batch, length = scoring.x.shape[:2]
-        k = attn_module.k_proj(scoring.x).view(batch, length, -1, self.head_dim)
-        if hasattr(attn_module, "k_norm"):
-            k = attn_module.k_norm(k)
-        k = k.transpose(1, 2)
-        return rotary(k, k, scoring.cos, scoring.sin)[0]
+        return self.projected(scoring.x, scoring.cos, scoring.sin, attn_module.k_proj,
+                              getattr(attn_module, "k_norm", None), rotary)
 
     def _rank(self, rows: torch.Tensor, rater_valid: torch.Tensor, counts: HostCounts) -> torch.Tensor:
         """rank(P) per row [B] on the host, by fp32 SVD as matrix_rank: the pass's one read-back
