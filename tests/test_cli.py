@@ -91,7 +91,7 @@ def test_qwen_inputs_expand_the_image_pad_as_the_processor_does():
 
 def test_demo_runs_and_writes_png(tmp_path, capsys):
     code, out, err = run_cli(
-        ["demo", "--repeats", "1", "--max-new-tokens", "2", "--out", str(tmp_path)], capsys
+        ["demo", "--family", "llava", "--repeats", "1", "--max-new-tokens", "2", "--out", str(tmp_path)], capsys
     )
     assert code == 0, err
     assert "random" in out and "meaningless" in out
@@ -164,6 +164,8 @@ def _generate(model, image, *extra):
     ("qwen-demo-budget-too-small", "budget 30 is below"),
     ("qwen-demo-two-images", "once and no other '<|image_pad|>'"),
     ("demo-unknown-family", "invalid choice: 'gpt'"),
+    ("lab-demo-index-out-of-range", "--index must be in 0..199"),
+    ("index-without-lab", "--index selects a scene-VQA example of the lab VLM"),
 ])
 def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file, capsys):
     bad_image = tmp_path / "bad.png"
@@ -181,10 +183,12 @@ def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file
         "budget-not-int": ["demo", "--budget", "lots"],
         "zero-new-tokens": _generate(fake_model_dir, image_file, "--max-new-tokens", "0"),
         "zero-repeats": ["demo", "--repeats", "0"],
-        "demo-budget-too-small": ["demo", "--budget", "30"],
+        "demo-budget-too-small": ["demo", "--family", "llava", "--budget", "30"],
         "qwen-demo-budget-too-small": ["demo", "--family", "qwen2_vl", "--budget", "30"],
         "qwen-demo-two-images": ["demo", "--family", "qwen2_vl", "--prompt", f"{IMAGE_BLOCK}{IMAGE_BLOCK}"],
         "demo-unknown-family": ["demo", "--family", "gpt"],
+        "lab-demo-index-out-of-range": ["demo", "--index", "200"],
+        "index-without-lab": ["demo", "--family", "llava", "--index", "3"],
     }[case]
     code, out, err = run_cli(argv, capsys)
     assert code == 2
