@@ -30,6 +30,8 @@ from sparsevlm_engine.lab.report import METHOD_NAMES, results_table, targets, ta
 from sparsevlm_engine.lab.scenes import SPLIT_SIZES
 
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- accuracy-lab:begin -->", "<!-- accuracy-lab:end -->"
 JSON_NAME, PLOT_NAME = "accuracy_lab.json", "accuracy_lab.png"
 
 
@@ -64,6 +66,19 @@ def plot(summary: list[dict], path: Path, examples: int) -> None:
     plt.close(fig)
 
 
+def update_readme(result: dict, readme: Path = README) -> None:
+    """Replace the README's accuracy-lab block with the tables of `result`."""
+    text = readme.read_text()
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    env = result["environment"]
+    block = (f"{BEGIN}\nMeasured {env['date']} on {env['cpu_threads']} CPU threads (torch {env['torch']}, "
+             f"transformers {env['transformers']}) in {result['seconds']} s; data in "
+             f"`bench/results/{JSON_NAME}`, plot in `bench/results/{PLOT_NAME}`.\n\n"
+             f"{results_table(result['summary'], result['examples'])}\n\n{targets_table(result['targets'])}\n{END}")
+    readme.write_text(head + block + tail)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON and the plot")
@@ -71,10 +86,16 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--weights", default=str(WEIGHTS))
+    parser.add_argument("--readme", action="store_true", help="also rewrite the README's accuracy-lab tables")
+    parser.add_argument("--from-json", action="store_true",
+                        help="with --readme: take the results from the JSON in --out instead of evaluating")
     args = parser.parse_args(argv)
     if not 1 <= args.examples <= SPLIT_SIZES["test"]:
         parser.error(f"--examples must be in 1..{SPLIT_SIZES['test']} (the test split's size)")
     out = Path(args.out)
+    if args.from_json:
+        update_readme(json.loads((out / JSON_NAME).read_text()))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     model = load_lab_vlm(args.weights)
@@ -101,6 +122,8 @@ def main(argv=None) -> int:
     print()
     print(targets_table(result["targets"]))
     print(f"\nwrote {out / JSON_NAME} and {out / PLOT_NAME} in {result['seconds']}s")
+    if args.readme:
+        update_readme(result)
     return 0
 
 

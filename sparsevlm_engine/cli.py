@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (llava, qwen2_vl, qwen2_5_vl)")
     demo.add_argument("--prompt", default=None, help="question about the image")
     demo.add_argument("--repeats", type=int, default=5, help="timed prefills per variant (default 5)")
-    demo.add_argument("--max-new-tokens", type=int, default=8)
+    demo.add_argument("--max-new-tokens", type=int, default=None,
+                      help="default 1 for the lab VLM (trained to answer in one token), else 8")
 
     gen = sub.add_parser("generate", help="generate with a local LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL "
                                           "checkpoint, sparsified")
@@ -220,6 +221,8 @@ def run_demo(args) -> int:
     config = make_config(args.preset, args.budget)
     if args.repeats < 1:
         raise CliError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 1 if args.family == "lab" else 8
     _check_max_new_tokens(args.max_new_tokens)
     _quiet_transformers()
     import torch

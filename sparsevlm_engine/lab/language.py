@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
+import os
 from pathlib import Path
 
 import torch
@@ -37,15 +37,18 @@ def load_language_model(attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    previous = hf_logging.get_verbosity()
+    previous, previous_tqdm = hf_logging.get_verbosity(), os.environ.get("TQDM_DISABLE")
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF converter's own progress bar
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(gguf_folder()), gguf_file=GGUF_FILE, dtype=torch.float32,
                                                   attn_implementation=attn_implementation)
     finally:
         hf_logging.set_verbosity(previous)
-        hf_logging.enable_progress_bar()
+        if previous_tqdm is None:
+            os.environ.pop("TQDM_DISABLE")
+        else:
+            os.environ["TQDM_DISABLE"] = previous_tqdm
     lm.eval().requires_grad_(False)
     return lm
 
@@ -68,5 +71,3 @@ def answer_token(answer: str) -> int:
         raise ValueError(f"answer {answer!r} is {len(ids)} tokens; the lab vocabulary uses single-token answers")
     return ids[0]
 
-
-logging.getLogger("transformers.integrations.ggml").setLevel(logging.ERROR)

@@ -54,10 +54,16 @@ class Projector(nn.Module):
         self.rows = nn.Parameter(torch.zeros(grid, hidden))
         self.cols = nn.Parameter(torch.zeros(grid, hidden))
 
+    def content(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, G*G, D]: what each patch shows, before its position is added."""
+        return self.fc2(F.gelu(self.fc1(self.norm(features.flatten(2).transpose(1, 2)))))
+
+    def where(self) -> torch.Tensor:
+        """[G*G, D]: the row-major patch position embeddings."""
+        return (self.rows[:, None, :] + self.cols[None, :, :]).flatten(0, 1)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        tokens = self.fc2(F.gelu(self.fc1(self.norm(features.flatten(2).transpose(1, 2)))))
-        where = (self.rows[:, None, :] + self.cols[None, :, :]).flatten(0, 1)
-        return tokens + where
+        return self.content(features) + self.where()
 
 
 class LabVLMModel(nn.Module):

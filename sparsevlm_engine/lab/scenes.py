@@ -89,8 +89,17 @@ def render(scene: Scene) -> Image.Image:
     return image
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
-    fill = COLOURS[obj.colour]
+def label_map(scene: Scene) -> Image.Image:
+    """A 384x384 "L" image: 0 on the background, i + 1 where object i is the visible one."""
+    image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(image)
+    for i, obj in enumerate(scene.objects):
+        _draw_object(draw, obj, fill=i + 1)
+    return image
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill=None) -> None:
+    fill = COLOURS[obj.colour] if fill is None else fill
     x, y, r = obj.cx, obj.cy, obj.radius
     if obj.shape == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
