@@ -161,14 +161,16 @@ def train(args) -> dict:
             print(f"step {step} images, {time.time() - start:.0f}s, answer loss "
                   f"{sum(losses[recent]) / args.log_every:.3f}, alignment loss "
                   f"{sum(align_losses[recent]) / args.log_every:.3f}", flush=True)
-        if step % args.save_every == 0 or step % args.eval_every == 0:
+        evaluating = bool(args.eval_every) and step % args.eval_every == 0
+        if step % args.save_every == 0 or evaluating:
             save_lab_vlm(model, adapters, out, {"images": seen_before + step, "seconds": time.time() - start})
-        if args.eval_every and step % args.eval_every == 0:
+        if evaluating:
             accuracy = dense_accuracy(model, "validation", args.eval_examples, device)
-            history.append({"images": seen_before + step, "seconds": round(time.time() - start), "validation_accuracy": accuracy})
+            history.append({"images": seen_before + step, "seconds": round(time.time() - start),
+                            "validation_accuracy": accuracy})
             print(f"  validation accuracy on {args.eval_examples}: {accuracy:.3f}", flush=True)
     meta = {"images": seen_before + step, "resumed_after": seen_before,
-            "questions_per_image": f"up to {args.questions_per_kind} per possible kind", "seconds": round(time.time() - start),
+            "questions_per_kind": args.questions_per_kind, "seconds": round(time.time() - start),
             "device": str(device), "seed": args.seed, "align_steps": args.align_steps,
             "align_batch": args.align_batch, "align_weight": args.align_weight, "lr": args.lr, "lora_lr": args.lora_lr,
             "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "history": history}
