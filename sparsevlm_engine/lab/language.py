@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -37,18 +36,20 @@ def load_language_model(attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    previous, previous_tqdm = hf_logging.get_verbosity(), os.environ.get("TQDM_DISABLE")
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    previous, progress, bars = hf_logging.get_verbosity(), gguf_utils.tqdm, hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF converter's own progress bar
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(progress, disable=True)  # the GGUF converter's own progress bar
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(gguf_folder()), gguf_file=GGUF_FILE, dtype=torch.float32,
                                                   attn_implementation=attn_implementation)
     finally:
+        gguf_utils.tqdm = progress
         hf_logging.set_verbosity(previous)
-        if previous_tqdm is None:
-            os.environ.pop("TQDM_DISABLE")
-        else:
-            os.environ["TQDM_DISABLE"] = previous_tqdm
+        if bars:
+            hf_logging.enable_progress_bar()
     lm.eval().requires_grad_(False)
     return lm
 
