@@ -391,8 +391,9 @@ def run_generate(args) -> int:
     except (OSError, ValueError) as e:
         raise CliError(f"cannot read the model config in {path}: {_first_line(e)}") from None
     model_type = hf_config.model_type
-    if model_type not in FAMILIES:
-        raise CliError(f"unsupported model type {model_type!r}; supported: {', '.join(FAMILIES)}")
+    checkpoint_types = [name for name, family in FAMILIES.items() if family.hf_checkpoint]
+    if model_type not in checkpoint_types:
+        raise CliError(f"unsupported model type {model_type!r}; supported: {', '.join(checkpoint_types)}")
     model_cls = getattr(transformers, FAMILIES[model_type].model_class)
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     processor = load_processor(path, model_type)

@@ -20,7 +20,8 @@ class Family:
     name: readable name; model_type: config.model_type; model_class: the transformers class
     that loads a checkpoint of the family; visual_token_attrs: config attributes
     holding the token ids of visual placeholders (image, video); mrope: whether the decoder
-    uses multimodal RoPE (3-D position ids, Qwen2-VL).
+    uses multimodal RoPE (3-D position ids, Qwen2-VL); hf_checkpoint: whether `sparsevlm generate`
+    loads it from a Hugging Face checkpoint folder (the lab VLM is built in code).
     """
 
     name: str
@@ -28,6 +29,7 @@ class Family:
     model_class: str
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
     mrope: bool = False
+    hf_checkpoint: bool = True
 
     def multimodal_model(self, model: nn.Module) -> nn.Module:
         """The module whose forward receives input_ids and calls the language model."""
@@ -140,7 +142,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_5_vl": Family("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)", "qwen2_5_vl",
                          "Qwen2_5_VLForConditionalGeneration", ("image_token_id", "video_token_id"), mrope=True),
     "sparsevlm_lab": Family("lab VLM (EfficientNet-Lite0 + SmolLM2-135M, sparsevlm_engine.lab)", "sparsevlm_lab",
-                            "LabVLM"),
+                            "LabVLM", hf_checkpoint=False),
 }
 
 
