@@ -9,8 +9,8 @@ recomputes only the rater rows, O(R L) per head, inside one batched kernel.
 Everything else is the engine's own (rater choice, selection, recycling, compaction, masks,
 cache), so the baseline is the same method with the authors' scoring, and it keeps the same
 tokens (bench/test_e2e_bench.py asserts that in fp32). `authors_style(model)` switches it on for
-a sparsified model, on that model's own Pruner instance, and restores it on exit. The
-benchmarks run it on one sample at a time (a batch is a loop over its rows), as their code runs.
+a sparsified model through the engine's public observer hook, and off on exit. The benchmarks
+run it on one sample at a time (a batch is a loop over its rows), as their code runs.
 
     with authors_style(model):
         model(**one_sample)
@@ -21,6 +21,7 @@ import contextlib
 
 import torch
 
+import sparsevlm_engine as sve
 from sparsevlm_engine.kernels import reference as ref
 
 PROVIDER = "authors-style"
@@ -29,8 +30,8 @@ PROVIDER = "authors-style"
 class AuthorsStyleOps:
     """The engine's ops (any backend) with the scoring replaced by slices of the full attention.
 
-    q_all: [B, H, L, D] post-RoPE queries of every token of the pruning layer, set by the
-    patched Pruner before each scoring call.
+    q_all: [B, H, L, D] post-RoPE queries of every token of the pruning layer, set by
+    AuthorsStyle before each scoring call.
     """
 
     name = PROVIDER
@@ -75,37 +76,20 @@ class AuthorsStyleOps:
         return ref.rater_rows(a, rater_valid, weights)
 
 
+class AuthorsStyle(sve.PruningObserver):
+    """Scores every prefill through AuthorsStyleOps, with all queries of each pruning layer."""
+
+    def wrap_ops(self, ops):
+        return AuthorsStyleOps(ops)
+
+    def before_prune(self, layer, ops, all_queries):
+        ops.q_all = all_queries()
+
+
 @contextlib.contextmanager
 def authors_style(model):
     """Score with the full attention matrices while inside; the model must be sparsified."""
-    engine = model.__dict__.get("_sparsevlm_engine")
-    if engine is None:
+    if not sve.is_sparsified(model):
         raise RuntimeError("authors_style needs a sparsified model: call sve.sparsify(model, config) first")
-    pruner = engine.pruner
-    names = ("start", "_rater_queries")
-    saved = {name: pruner.__dict__.get(name) for name in names}
-    inner_start = pruner.start
-
-    def start(*args, **kwargs):
-        result = inner_start(*args, **kwargs)
-        if not isinstance(pruner.ops, AuthorsStyleOps):
-            pruner.ops = AuthorsStyleOps(pruner.ops)
-        return result
-
-    def rater_queries(scoring, r_slot, attn_module, rotary):
-        q_all = pruner.projected(scoring.x, scoring.cos, scoring.sin, attn_module.q_proj,
-                                 getattr(attn_module, "q_norm", None), rotary)
-        pruner.ops.q_all = q_all
-        return q_all.gather(2, r_slot[:, None, :, None].expand(-1, q_all.shape[1], -1, q_all.shape[-1]))
-
-    pruner.start, pruner._rater_queries = start, rater_queries
-    try:
+    with sve.engine_of(model).observe(AuthorsStyle()):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                pruner.__dict__.pop(name, None)
-            else:
-                setattr(pruner, name, value)
-        if isinstance(pruner.ops, AuthorsStyleOps):
-            pruner.ops = pruner.ops.base

@@ -7,14 +7,16 @@
     sve.unsparsify(model)
 """
 from .config import SparseVLMConfig
-from .engine import UnsupportedModeError, is_sparsified, last_trace, sparsify, unsparsify
+from .api import engine_of, is_sparsified, last_trace, sparsify, unsparsify
+from .engine import PruningObserver, SparseEngine, UnsupportedModeError
 from .families import FAMILIES, UnsupportedModelError
 from .trace import FlopsReport, PruningRecord, RecycledToken, SampleTrace, Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SparseVLMConfig", "sparsify", "unsparsify", "last_trace", "is_sparsified", "FAMILIES",
+    "SparseVLMConfig", "sparsify", "unsparsify", "last_trace", "is_sparsified", "engine_of", "FAMILIES",
+    "SparseEngine", "PruningObserver",
     "UnsupportedModeError", "UnsupportedModelError", "Trace", "SampleTrace", "PruningRecord",
     "RecycledToken", "FlopsReport",
 ]

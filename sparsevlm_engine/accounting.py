@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .trace import FlopsReport
-
 
 @dataclass(frozen=True)
 class DecoderDims:
@@ -28,6 +26,31 @@ class DecoderDims:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return cls(cfg.hidden_size, cfg.intermediate_size, heads,
                    getattr(cfg, "num_key_value_heads", None) or heads, head_dim, cfg.num_hidden_layers)
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """Prefill decoder FLOPs of one sample.
+
+    *_paper: the paper's per-layer formula 4nd^2 + 2n^2d + 3ndm (multiply-accumulates, as the
+    authors count them). *_exact: floating-point operations (2 per multiply-accumulate) of the
+    projections with grouped-query attention, causal attention scores and values, and the gated
+    MLP. pruning: FLOPs the pruning itself spent (raters, scoring, ranks, clustering).
+    """
+
+    dense_paper: float
+    sparse_paper: float
+    dense_exact: float
+    sparse_exact: float
+    pruning: float
+
+    @property
+    def reduction_paper(self) -> float:
+        return 1.0 - self.sparse_paper / self.dense_paper
+
+    @property
+    def reduction_exact(self) -> float:
+        return 1.0 - (self.sparse_exact + self.pruning) / self.dense_exact
 
 
 def layer_macs_paper(n: int, dims: DecoderDims) -> float:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import reference as ref
-from .accounting import DecoderDims, clustering_flops, scoring_flops
+from .accounting import DecoderDims
 from .backends import ops_for
 from .config import SparseVLMConfig
 from .schedule import scale_count, schedule_counts
-from .trace import PruningRecord, RecycledToken
+from .trace import StepRecord
 
 LAYOUT_FIELDS = ("src", "pos", "valid", "visual", "rater")
 
@@ -99,40 +99,39 @@ class Plan:
 
 
 @dataclass
-class StepRecord:
-    """What one pruning layer did, kept as tensors until the trace is read."""
+class Stage:
+    """A run of layers sharing one layout, from first_layer on: its prefill mask, RoPE rows and
+    position ids (None for the prompt's own layout, stage 0)."""
 
-    layer: int
-    pos: torch.Tensor             # [B, L] positions of the slots before pruning
-    kept: torch.Tensor            # [B, L] bool
-    rater_valid: torch.Tensor     # [B, R]
-    before: HostCounts
-    plan: Plan
-    cand_idx: torch.Tensor | None = None   # [B, N] slots of the recycling candidates
-    centres: torch.Tensor | None = None    # [B, C] indices into cand_idx
-    assign: torch.Tensor | None = None     # [B, N] cluster of each candidate
+    first_layer: int
+    layout: Layout
+    mask: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
 
-    def records(self) -> list[PruningRecord]:
-        kept_pos = self.pos.masked_fill(~self.kept, -1).tolist()
-        recycled = [[] for _ in kept_pos]
-        if self.cand_idx is not None:
-            cand_pos = self.pos.gather(1, self.cand_idx.clamp(min=0)).tolist()
-            for b, (centres, assign) in enumerate(zip(self.centres.tolist(), self.assign.tolist())):
-                members = {c: [] for c in range(len(centres)) if centres[c] >= 0}
-                for i, cluster in enumerate(assign):
-                    if cluster >= 0:
-                        members[cluster].append(cand_pos[b][i])
-                recycled[b] = [RecycledToken(centre=cand_pos[b][centres[c]], members=tuple(m))
-                               for c, m in members.items()]
-        return [PruningRecord(layer=self.layer, visual_before=int(self.before.visual[b]),
-                              keep_count=int(self.plan.keep[b]), kept=tuple(p for p in row if p >= 0),
-                              recycled=tuple(recycled[b]))
-                for b, row in enumerate(kept_pos)]
 
-    def flops(self, dims: DecoderDims, gram: bool) -> list[float]:
-        raters = self.rater_valid.sum(1).tolist()
-        return [scoring_flops(int(r), int(n), int(v), dims, gram) + clustering_flops(int(c), dims.hidden)
-                for r, n, v, c in zip(raters, self.before.valid, self.before.visual, self.plan.n_cand)]
+@dataclass
+class Prefill:
+    """Everything one sparse prefill builds; it lives as long as its call.
+
+    ops: the backend's ops for the prompt's device; gravity_table: [S, T] or None; mrope_ids:
+    [3, B, L0] the prompt's 3-D position ids (mRoPE gravity) or None; valid, visual: [B, L0]
+    bool of the prompt; rope: its RoPE rows; counts: host counts of the current stage; stages:
+    one per run of layers sharing a layout; steps: what each pruning layer did; scoring: the
+    attention inputs of the pruning layer now running.
+    """
+
+    ops: object
+    gravity_table: torch.Tensor | None
+    mrope_ids: torch.Tensor | None
+    valid: torch.Tensor
+    visual: torch.Tensor
+    rope: Rope
+    counts: HostCounts
+    stages: list[Stage]
+    steps: list[StepRecord]
+    scoring: ScoringInputs | None = None
 
 
 def initial_layout(ops, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> tuple[Layout, HostCounts]:
@@ -171,6 +170,9 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PruneResult:
+    """A pruning layer's output: the compacted hidden states [B, L', d], their layout, RoPE rows
+    and host counts, and what the layer did."""
+
     hidden: torch.Tensor
     layout: Layout
     rope: Rope
@@ -179,7 +181,8 @@ class PruneResult:
 
 
 class Pruner:
-    """Applies the configured method at each pruning layer, with the backend's ops."""
+    """The configured method at each pruning layer. Holds only what is fixed per model; what a
+    prefill builds is in its Prefill."""
 
     def __init__(self, config: SparseVLMConfig, pruning_layers: tuple[int, ...], dims: DecoderDims,
                  scaling: float, inv_freq: torch.Tensor | None, sections: tuple[int, ...] | None = None):
@@ -198,35 +201,39 @@ class Pruner:
         n_priority = math.floor(config.priority_head_fraction * dims.heads + 0.5)
         self.n_priority = max(1, n_priority) if config.priority_heads else None
         self.sections = sections
-        self.ops = None
-        self.gravity_table = None
-        self.mrope_ids = None
 
-    def start(self, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor,
-              mrope_ids: torch.Tensor | None = None) -> tuple[Layout, HostCounts]:
-        """Pick the backend for this prefill's device, the raters and the gravity table.
-        mrope_ids: [3, B, L] the prompt's 3-D position ids (mRoPE models)."""
-        self.ops = ops_for(self.config.backend, hidden.device)
-        self.mrope_ids = None
+    def start(self, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor, rope: Rope,
+              mrope_ids: torch.Tensor | None = None, wrap_ops=None) -> Prefill:
+        """A prefill's start: the backend for its device, the raters and the gravity table.
+        hidden: [B, L, d] the layer-0 input; valid, visual: [B, L] bool; mrope_ids: [3, B, L]
+        the prompt's 3-D position ids (mRoPE models); wrap_ops: ops -> ops, or None."""
+        ops = ops_for(self.config.backend, hidden.device)
+        if wrap_ops is not None:
+            ops = wrap_ops(ops)
+        table = None
         if self.config.rope_gravity:
             size = hidden.shape[1]
             if self.sections is not None:
                 if mrope_ids is None:
                     raise ValueError("RoPE gravity on an mRoPE model needs the prompt's 3-D position ids")
-                self.mrope_ids = mrope_ids.to(hidden.device).expand(3, hidden.shape[0], -1)
-                size = max(size, int(self.mrope_ids.max()) + 1)  # video time ids can exceed the length
-            self.gravity_table = self.ops.gravity_table(self.inv_freq.to(hidden.device), self.head_dim, size,
-                                                        self.sections)
-        return initial_layout(self.ops, hidden, valid, visual)
+                mrope_ids = mrope_ids.to(hidden.device).expand(3, hidden.shape[0], -1)
+                size = max(size, int(mrope_ids.max()) + 1)  # video time ids can exceed the length
+            table = ops.gravity_table(self.inv_freq.to(hidden.device), self.head_dim, size, self.sections)
+        if table is None or self.sections is None:
+            mrope_ids = None
+        layout, counts = initial_layout(ops, hidden, valid, visual)
+        return Prefill(ops=ops, gravity_table=table, mrope_ids=mrope_ids, valid=layout.valid,
+                       visual=layout.visual, rope=rope, counts=counts, stages=[Stage(first_layer=0, layout=layout)],
+                       steps=[])
 
-    def _gravity(self, layout: Layout, r_slot: torch.Tensor):
+    def _gravity(self, prefill: Prefill, layout: Layout, r_slot: torch.Tensor):
         """(table [S, T], rater positions [S, B, R], key positions [S, B, L]) of the current layout."""
-        if self.mrope_ids is None:
+        if prefill.mrope_ids is None:
             key_pos = layout.pos[None]
         else:
-            key_pos = self.mrope_ids.gather(2, layout.src[None].expand(3, -1, -1))
+            key_pos = prefill.mrope_ids.gather(2, layout.src[None].expand(3, -1, -1))
         rater_pos = key_pos.gather(2, r_slot[None].expand(key_pos.shape[0], -1, -1))
-        return self.gravity_table, rater_pos, key_pos
+        return prefill.gravity_table, rater_pos, key_pos
 
     # ------------------------------------------------------------------ host-side counts
     def plan(self, stage: int, counts: HostCounts, rank: torch.Tensor | None = None) -> Plan:
@@ -263,10 +270,12 @@ class Pruner:
         heads = heads.transpose(1, 2)
         return rotary(heads, heads, cos, sin)[0]
 
-    def _rater_queries(self, scoring: ScoringInputs, r_slot: torch.Tensor, attn_module, rotary) -> torch.Tensor:
-        return self.projected(gather_rows(scoring.x, r_slot), gather_rows(scoring.cos, r_slot),
-                              gather_rows(scoring.sin, r_slot), attn_module.q_proj,
-                              getattr(attn_module, "q_norm", None), rotary)
+    def queries(self, scoring: ScoringInputs, attn_module, rotary, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Post-RoPE queries [B, H, R, D] of the tokens in slots [B, R] (every token when None)."""
+        x, cos, sin = scoring.x, scoring.cos, scoring.sin
+        if slots is not None:
+            x, cos, sin = gather_rows(x, slots), gather_rows(cos, slots), gather_rows(sin, slots)
+        return self.projected(x, cos, sin, attn_module.q_proj, getattr(attn_module, "q_norm", None), rotary)
 
     def _keys(self, scoring: ScoringInputs, attn_module, rotary) -> torch.Tensor:
         if scoring.keys is not None:
@@ -282,17 +291,17 @@ class Pruner:
         host = torch.cat([rows.flatten(1), raters], 1).cpu()
         return ref.numerical_rank(host[:, :-1].view(rows.shape), host[:, -1].long(), counts.visual)
 
-    def prune(self, stage: int, layer: int, hidden: torch.Tensor, layout: Layout, scoring: ScoringInputs,
-              counts: HostCounts, rope: Rope, attn_module, rotary) -> PruneResult:
+    def prune(self, prefill: Prefill, stage: int, layer: int, hidden: torch.Tensor, scoring: ScoringInputs,
+              attn_module, rotary) -> PruneResult:
         """Prune the output hidden: [B, L, d] of a pruning layer; returns the compacted stage."""
-        ops = self.ops
+        ops, layout, counts, rope = prefill.ops, prefill.stages[stage].layout, prefill.counts, prefill.rope
         r_slot = ref.packed_slots(layout.rater & layout.valid, counts.raters)
         r_ok = r_slot >= 0
         r_slot = r_slot.clamp(min=0)
-        q = self._rater_queries(scoring, r_slot, attn_module, rotary)
+        q = self.queries(scoring, attn_module, rotary, r_slot)
         keys = self._keys(scoring, attn_module, rotary)
         visual_keys = layout.visual & layout.valid
-        gravity = self._gravity(layout, r_slot) if self.gravity_table is not None else None
+        gravity = self._gravity(prefill, layout, r_slot) if prefill.gravity_table is not None else None
         args = (q, keys, r_slot, r_ok, layout.valid, visual_keys, self.scaling)
         head_rel = ops.head_relevance(*args, gravity=gravity)
         weights = ref.head_weights(head_rel, self.n_priority)
@@ -305,7 +314,8 @@ class Pruner:
 
         scores = rel.masked_fill(layout.rater & visual_keys, float("inf"))  # a visual rater is never pruned
         text = layout.valid & ~layout.visual
-        record = StepRecord(layer=layer, pos=layout.pos, kept=None, rater_valid=r_ok, before=counts, plan=plan)
+        record = StepRecord(layer=layer, pos=layout.pos, kept=None, rater_valid=r_ok, valid_before=counts.valid,
+                            visual_before=counts.visual, keep=plan.keep, n_cand=plan.n_cand)
         merged = merged_slot = None
         max_cand = int(plan.n_cand.max()) if plan.n_cand.numel() else 0
         if max_cand == 0:

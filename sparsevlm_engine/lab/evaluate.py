@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SparseVLMConfig
-from ..engine import last_trace, sparsify, unsparsify
+from ..api import last_trace, sparsify, unsparsify
 from .baselines import keep_for_average, layer_average, text_agnostic_pruning
 from .language import answer_token
 from .model import LabVLM, encode
