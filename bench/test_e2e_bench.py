@@ -24,9 +24,10 @@ import torch
 import sparsevlm_engine as sve
 from sparsevlm_engine.accounting import DecoderDims, decoder_flops
 from authors_style import AuthorsStyleOps, authors_style
-from e2e_common import (Clock, DecoderProbe, PruneProbe, build_model, config_for, dense_samples, expected_kv_tokens,
-                        flash_attn_available, flops_of, generate, kept_records, kv_bytes_per_token, kv_cache_info,
-                        make_inputs, prefill, set_attention, split_samples)
+from e2e_common import (Clock, DecoderProbe, PruneProbe, dense_samples, expected_kv_tokens, flops_of, kept_records,
+                        kv_bytes_per_token, kv_cache_info)
+from e2e_inputs import generate, make_inputs, prefill, split_samples
+from e2e_models import build_model, config_for, flash_attn_available, set_attention
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -202,14 +203,13 @@ def test_authors_style_keeps_the_engines_tokens(request, shape, preset, budget, 
     try:
         prefill(model, batch)
         engine = kept_records(sve.last_trace(model).samples)
-        pruner = model.__dict__["_sparsevlm_engine"].pruner
+        engine_state = sve.engine_of(model)
         theirs = []
         with authors_style(model):
             for row in split_samples(batch):
                 prefill(model, row)
                 theirs += kept_records(sve.last_trace(model).samples)
-        assert type(pruner.ops).__name__ == "TorchOps" and "start" not in pruner.__dict__
-        assert "_rater_queries" not in pruner.__dict__
+        assert engine_state.observers == ()
     finally:
         sve.unsparsify(model)
     assert len(calls) == 3 * len(engine)  # the full matrices were built at every pruning layer of every row
@@ -278,8 +278,7 @@ def test_probes_time_every_pruning_step_and_clean_up(tiny):
         reading = {k: v for p in probes for k, v in p.read().items()}
         for p in probes:
             p.close()
-        pruner = tiny.__dict__["_sparsevlm_engine"].pruner
-        assert "prune" not in pruner.__dict__ and "start" not in pruner.__dict__
+        assert sve.engine_of(tiny).observers == ()
         layers = sve.last_trace(tiny).pruning_layers
     finally:
         sve.unsparsify(tiny)
@@ -303,6 +302,7 @@ def _png(path):
 
 def test_script_writes_every_figure_for_every_case(tmp_path):
     import e2e_bench
+    import e2e_figures
 
     argv = ["--device", "cpu", "--shapes", "llava-1.5-tiny", "--batches", "1", "3", "--budgets", "128", "64",
             "--new-tokens", "3", "--repeats-scale", "0.34", "--out", str(tmp_path)]
@@ -313,21 +313,21 @@ def test_script_writes_every_figure_for_every_case(tmp_path):
     for key in ("device", "torch", "triton", "transformers", "date", "python"):
         assert key in env
     assert env["device"] == "cpu" and env["torch"] == torch.__version__
-    expected = {e2e_bench.case_id("llava-1.5-tiny", "sdpa", b, "dense") for b in (1, 3)}
-    expected |= {e2e_bench.case_id("llava-1.5-tiny", "sdpa", b, p, preset, budget) for b in (1, 3)
+    expected = {e2e_figures.case_id("llava-1.5-tiny", "sdpa", b, "dense") for b in (1, 3)}
+    expected |= {e2e_figures.case_id("llava-1.5-tiny", "sdpa", b, p, preset, budget) for b in (1, 3)
                  for p in ("sparsevlm", "authors-style") for preset in ("v1.5", "v2") for budget in (128, 64)}
     assert set(data["cases"]) == expected
     for cid, case in data["cases"].items():
         fig = case["figures"]
-        assert set(fig) >= set(e2e_bench.FIGURES[case["provider"]]), cid
-        missing = {k for k in e2e_bench.FIGURES[case["provider"]] if fig[k] is None}
+        assert set(fig) >= set(e2e_figures.FIGURES[case["provider"]]), cid
+        missing = {k for k in e2e_figures.FIGURES[case["provider"]] if fig[k] is None}
         assert missing == set(case["not_measured"]), cid
-        assert missing <= set(e2e_bench.MEMORY_FIGURES), (cid, missing)  # CPU: only GPU memory is not measured
+        assert missing <= set(e2e_figures.MEMORY_FIGURES), (cid, missing)  # CPU: only GPU memory is not measured
         assert fig["kv_cache_bytes"] == fig["kv_expected_bytes"] and fig["kv_cache_bytes"] > 0
         p = fig["prefill_ms"]
         assert p["p20_ms"] <= p["median_ms"] <= p["p80_ms"]
         if case["provider"] != "dense":
-            dense = data["cases"][e2e_bench.case_id("llava-1.5-tiny", "sdpa", case["batch"], "dense")]["figures"]
+            dense = data["cases"][e2e_figures.case_id("llava-1.5-tiny", "sdpa", case["batch"], "dense")]["figures"]
             assert fig["speedup_vs_dense"] == pytest.approx(dense["prefill_ms"]["median_ms"] / p["median_ms"])
             ratio = fig["speedup_vs_dense"] / fig["flops"]["ratio_exact"]
             assert fig["speedup_over_flops_ratio"] == pytest.approx(ratio)
@@ -347,13 +347,13 @@ def test_script_writes_every_figure_for_every_case(tmp_path):
     e2e_bench.main(argv[:6] + ["--batches", "1", "--budgets", "96", "--presets", "v2", "--no-authors",
                                "--new-tokens", "3", "--repeats-scale", "0.34", "--out", str(tmp_path), "--resume"])
     again = json.loads((tmp_path / "e2e_cpu.json").read_text())
-    assert set(again["cases"]) == expected | {e2e_bench.case_id("llava-1.5-tiny", "sdpa", 1, "sparsevlm", "v2", 96)}
-    assert again["cases"][e2e_bench.case_id("llava-1.5-tiny", "sdpa", 1, "dense")] == data["cases"][
-        e2e_bench.case_id("llava-1.5-tiny", "sdpa", 1, "dense")]
+    assert set(again["cases"]) == expected | {e2e_figures.case_id("llava-1.5-tiny", "sdpa", 1, "sparsevlm", "v2", 96)}
+    assert again["cases"][e2e_figures.case_id("llava-1.5-tiny", "sdpa", 1, "dense")] == data["cases"][
+        e2e_figures.case_id("llava-1.5-tiny", "sdpa", 1, "dense")]
 
 
 def _fake_results(device_type="cuda", ratio_b1=0.86, ratio_b8=0.89, throughput=2.1, kv_off=False, authors=(1.3, 0.9)):
-    import e2e_bench
+    import e2e_figures
 
     cases = {}
 
@@ -362,7 +362,7 @@ def _fake_results(device_type="cuda", ratio_b1=0.86, ratio_b8=0.89, throughput=2
                 "kv_tokens_per_layer": [5], "kv_expected_tokens_per_layer": [5], "flops": {"ratio_exact": 2.5},
                 "kv_ratio_vs_dense": 0.4, "kv_ratio_expected": 0.4, "speedup_vs_dense": 2.0,
                 "decoder_speedup_over_flops_ratio": 0.9}
-        cid = e2e_bench.case_id("llava-1.5-7b", "sdpa", batch, provider, preset, budget)
+        cid = e2e_figures.case_id("llava-1.5-7b", "sdpa", batch, provider, preset, budget)
         cases[cid] = {"shape": "llava-1.5-7b", "attn": "sdpa", "batch": batch, "provider": provider, "preset": preset,
                       "budget": budget, "figures": base | fig}
 
@@ -375,14 +375,14 @@ def _fake_results(device_type="cuda", ratio_b1=0.86, ratio_b8=0.89, throughput=2
 
 
 def test_targets_are_computed_from_the_figures():
-    import e2e_bench
+    import e2e_targets
 
-    lines = e2e_bench.evaluate_targets(_fake_results())
+    lines = e2e_targets.evaluate_targets(_fake_results())
     assert [t["status"] for t in lines] == ["PASS", "FAIL", "PASS", "PASS", "FAIL"]
     assert "0.860" in lines[0]["detail"] and "0.890" in lines[1]["detail"]
     assert "B8 sparsevlm v1.5 128" in lines[4]["detail"]
-    flipped = e2e_bench.evaluate_targets(_fake_results(ratio_b1=0.84, ratio_b8=0.91, throughput=1.9, kv_off=True,
-                                                       authors=(1.1, 1.2)))
+    flipped = e2e_targets.evaluate_targets(_fake_results(ratio_b1=0.84, ratio_b8=0.91, throughput=1.9, kv_off=True,
+                                                         authors=(1.1, 1.2)))
     assert [t["status"] for t in flipped] == ["FAIL", "PASS", "FAIL", "FAIL", "PASS"]
-    cpu = e2e_bench.evaluate_targets(_fake_results(device_type="cpu"))
+    cpu = e2e_targets.evaluate_targets(_fake_results(device_type="cpu"))
     assert [t["status"] for t in cpu] == ["not-measured"] * 5

@@ -42,8 +42,19 @@ def _guarded_generate(model, *args, **kwargs):
         raise UnsupportedModeError(
             "a sparsified model does not support " + ", ".join(problems)
             + "; use greedy or sampling with the default dynamic cache, or unsparsify the model")
+    if cache is None:  # generate may run the vision tower before any forward reaches the engine's hooks
+        _check_visual_inputs(model, args, kwargs)
     saved = model.__dict__.get(_SAVED_GENERATE)
     return (saved or type(model).generate.__get__(model))(*args, **kwargs)
+
+
+def _check_visual_inputs(model, args, kwargs) -> None:
+    """Raise the family's clear ValueError for a prompt with visual tokens whose inputs are incomplete."""
+    family = model.__dict__[_ENGINE_ATTR].family
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    if (input_ids is not None or embeds is not None) and bool(family.visual_mask(model, input_ids, embeds).any()):
+        family.check_positions(model, {**kwargs, "input_ids": input_ids})
 
 
 def _display_name(name: str) -> str:

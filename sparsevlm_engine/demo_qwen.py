@@ -3,31 +3,24 @@
 The decoder has the LLaVA demo's tiny widths and 32 layers (so the default pruning layers
 2 / 6 / 15 apply); the vision tower has Qwen2-VL's real geometry: 14 px patches, temporal
 patch 2, 2x2 merge, so a 336 x 336 image is 24 x 24 patches and 12 x 12 = 144 visual tokens.
-Inputs come from a real `Qwen2VLImageProcessor` and `Qwen2VLProcessor` built in code (a subclass
-that only drops the video processor, which would need torchvision); the tokenizer is the demo's
-word-level one with Qwen's special tokens and Qwen2-VL-Instruct's chat template.
+Inputs come from a real `Qwen2VLImageProcessor` in an `ImageQwen2VLProcessor` built in code
+(sparsevlm_engine.qwen_processor); the tokenizer is the demo's word-level one with Qwen's
+special tokens and Qwen2-VL-Instruct's chat template.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen2VLProcessor
 
 from .demo_model import CLIP_MEAN, CLIP_STD, word_tokenizer
+from .qwen_processor import IMAGE_TOKEN, MERGE_SIZE, ImageQwen2VLProcessor
 
 PATCH_SIZE = 14
 TEMPORAL_PATCH_SIZE = 2
-MERGE_SIZE = 2
-IMAGE_TOKEN = "<|image_pad|>"
-IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 SPECIAL_TOKENS = ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   IMAGE_TOKEN, "<|video_pad|>")
 EXTRA_WORDS = ("helpful",)
 DEFAULT_QUESTION = "What is the colour of the square?"
 FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
-PLAIN_PROMPT = "<|im_start|>user\n" + IMAGE_BLOCK + "{prompt}<|im_end|>\n<|im_start|>assistant\n"
 CHAT_TEMPLATE = (  # Qwen2-VL-Instruct's
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
@@ -42,21 +35,6 @@ CHAT_TEMPLATE = (  # Qwen2-VL-Instruct's
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-class ImageQwen2VLProcessor(Qwen2VLProcessor):
-    """`Qwen2VLProcessor` for images and text, with no video processor and any tokenizer.
-
-    The stock class insists on a `Qwen2VLVideoProcessor` (which needs torchvision) and, in
-    transformers 4, on a Qwen2 tokenizer; everything else, its __call__ included, is unchanged.
-    """
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        if argument_name == "tokenizer" and isinstance(argument, PreTrainedTokenizerBase):
-            return type(argument)
-        return super().check_argument_for_proper_class(argument_name, argument)
 
 
 def build_qwen_tokenizer():
@@ -92,29 +70,6 @@ def build_qwen_processor(tokenizer, image_processor=None, chat_template=CHAT_TEM
     """An `ImageQwen2VLProcessor` over the tokenizer and (by default) Qwen2-VL's image processor."""
     return ImageQwen2VLProcessor(image_processor=image_processor or build_qwen_image_processor(),
                                  tokenizer=tokenizer, video_processor=None, chat_template=chat_template)
-
-
-def _saved_chat_template(path: Path) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    if (path / "chat_template.json").is_file():
-        return json.loads((path / "chat_template.json").read_text()).get("chat_template")
-    return None
-
-
-def load_qwen_processor(path):
-    """The checkpoint's image processor, tokenizer and chat template as an `ImageQwen2VLProcessor`.
-
-    For a Qwen checkpoint whose `AutoProcessor` cannot be built (no torchvision for its video
-    processor). The chat template is the processor's saved one, else the tokenizer's.
-    """
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    path = Path(path)
-    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    template = _saved_chat_template(path) or getattr(tokenizer, "chat_template", None)
-    return build_qwen_processor(tokenizer, image_processor, chat_template=template)
 
 
 def qwen_config(tokenizer, family: str = "qwen2_vl", depth: int = 32):
@@ -169,24 +124,6 @@ def build_demo_qwen(family: str = "qwen2_vl", seed: int = 0, dtype: torch.dtype 
     gen.eos_token_id = tokenizer.eos_token_id
     gen.do_sample = False
     return model, build_qwen_processor(tokenizer)
-
-
-def qwen_inputs(processor, image, prompt: str) -> dict:
-    """Model inputs for one prompt with one image block, as the processor makes them.
-
-    input_ids, attention_mask [1, L] (and mm_token_type_ids [1, L] in transformers 5), with the
-    image pad expanded to t*h*w/4 tokens; pixel_values [t*h*w, 3*2*14*14]; image_grid_thw [1, 3].
-    """
-    if prompt.count(IMAGE_BLOCK) != 1 or prompt.count(IMAGE_TOKEN) != 1:
-        raise ValueError(f"the prompt must contain {IMAGE_BLOCK!r} once and no other {IMAGE_TOKEN!r}: {prompt!r}")
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
-    return {k: v for k, v in inputs.items() if k != "token_type_ids"}
-
-
-def merged_grid(image_grid_thw: torch.Tensor, merge_size: int = MERGE_SIZE) -> tuple[int, int]:
-    """(rows, cols) of the first image's visual tokens: its patch grid h x w merged merge_size^2."""
-    _, h, w = (int(x) for x in image_grid_thw[0])
-    return h // merge_size, w // merge_size
 
 
 def save_qwen_demo_checkpoint(path, family: str = "qwen2_vl", seed: int = 0, depth: int = 32) -> None:

@@ -86,14 +86,19 @@ class Family:
         return tuple(int(s) for s in sections)
 
     def check_positions(self, model: nn.Module, kwargs: dict) -> None:
-        """Raise unless an mRoPE prefill with visual tokens will get its 3-D position ids.
+        """Raise unless an mRoPE prefill with visual tokens will get its grids and 3-D position ids.
 
-        The model computes them from input_ids and the image / video grids (and, in
-        transformers 5, mm_token_type_ids); without them it, or generate, silently falls back to
-        1-D positions. Explicit position_ids are trusted unless token types are missing.
+        The vision tower needs image_grid_thw with pixel_values (video_grid_thw with
+        pixel_values_videos), position_ids or not. The model computes the 3-D position ids from
+        input_ids and those grids (and, in transformers 5, mm_token_type_ids); without them it,
+        or generate, silently falls back to 1-D positions. Explicit position_ids are trusted
+        unless token types are missing.
         """
         if not self.mrope:
             return
+        grids = [f"{grid} with {pixels}" for pixels, grid in (("pixel_values", "image_grid_thw"),
+                                                               ("pixel_values_videos", "video_grid_thw"))
+                 if kwargs.get(pixels) is not None and kwargs.get(grid) is None]
         missing = []
         has_ids = kwargs.get("input_ids") is not None
         rope_index = getattr(self.multimodal_model(model), "get_rope_index", None)
@@ -103,12 +108,14 @@ class Family:
         if kwargs.get("position_ids") is None:
             if not has_ids:
                 missing.append("input_ids")
-            if kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None:
+            if kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None and not grids:
                 missing.append("image_grid_thw or video_grid_thw")
+        problems = [f"the vision tower needs {', '.join(grids)}"] if grids else []
         if missing:
-            raise ValueError(
-                f"{self.name}: the prompt has visual tokens but the model would not get their 3-D mRoPE "
-                f"position ids: pass {', '.join(missing)}, or position_ids [3, B, L]")
+            problems.append(f"the model would not get their 3-D mRoPE position ids: pass {', '.join(missing)}, "
+                            "or position_ids [3, B, L]")
+        if problems:
+            raise ValueError(f"{self.name}: the prompt has visual tokens but {'; '.join(problems)}")
 
 
 def rope_rows(rope: torch.Tensor, sections: tuple[int, ...] | None) -> torch.Tensor:
@@ -141,13 +148,21 @@ FAMILIES: dict[str, Family] = {
                        ("image_token_id", "video_token_id"), mrope=True),
     "qwen2_5_vl": Family("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)", "qwen2_5_vl",
                          "Qwen2_5_VLForConditionalGeneration", ("image_token_id", "video_token_id"), mrope=True),
-    "sparsevlm_lab": Family("lab VLM (EfficientNet-Lite0 + SmolLM2-135M, sparsevlm_engine.lab)", "sparsevlm_lab",
-                            "LabVLM", hf_checkpoint=False),
 }
 
 
+def register_family(family: Family) -> Family:
+    """Add a family to FAMILIES under its model_type (an add-on, such as sparsevlm_engine.lab, calls
+    it when imported). Registering the same family again is a no-op; another family under a
+    model_type already taken raises ValueError."""
+    known = FAMILIES.setdefault(family.model_type, family)
+    if known != family:
+        raise ValueError(f"model_type {family.model_type!r} is already registered as {known.name}")
+    return family
+
+
 def family_of(model: nn.Module) -> Family:
-    """The family of a model, or UnsupportedModelError naming the supported ones."""
+    """The registered family of a model, or UnsupportedModelError naming the supported ones."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
         supported = ", ".join(f.name for f in FAMILIES.values())

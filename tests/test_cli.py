@@ -7,15 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from sparsevlm_engine import cli
+from sparsevlm_engine import cli, cli_generate
+from sparsevlm_engine.cli_checks import MAX_NEW_TOKENS
+from sparsevlm_engine.cli_load import build_prompt
 from sparsevlm_engine.demo_model import (
     CLIP_MEAN, CLIP_STD, N_VISUAL, build_demo_processor, build_demo_tokenizer, demo_config, demo_inputs,
     draw_demo_image, load_demo_image, save_demo_checkpoint,
 )
-from sparsevlm_engine.demo_qwen import (
-    CHAT_TEMPLATE, IMAGE_BLOCK, IMAGE_TOKEN, PLAIN_PROMPT, build_qwen_processor, build_qwen_tokenizer,
-    load_qwen_processor, qwen_inputs, save_qwen_demo_checkpoint,
-)
+from sparsevlm_engine.demo_qwen import CHAT_TEMPLATE, build_qwen_processor, build_qwen_tokenizer, save_qwen_demo_checkpoint
+from sparsevlm_engine.qwen_processor import IMAGE_BLOCK, IMAGE_TOKEN, PLAIN_PROMPT, load_qwen_processor, qwen_inputs
 from sparsevlm_engine.heatmap import (
     BACKGROUND, DIM, GAP, PANEL, RECYCLED_CENTRE, TITLE_H, draw_kept_patches, grid_for, rect_grid_for,
 )
@@ -68,7 +68,7 @@ def test_demo_inputs_expand_the_image_token_and_normalise():
 def test_qwen_inputs_expand_the_image_pad_as_the_processor_does():
     processor = build_qwen_processor(build_qwen_tokenizer())
     image = Image.new("RGB", (500, 400), tuple(round(255 * m) for m in CLIP_MEAN))
-    inputs = qwen_inputs(processor, image, cli.build_prompt(processor, "What is the colour of the square?"))
+    inputs = qwen_inputs(processor, image, build_prompt(processor, "What is the colour of the square?"))
     ids = inputs["input_ids"]
     tok = processor.tokenizer
     t, h, w = inputs["image_grid_thw"][0].tolist()
@@ -162,7 +162,21 @@ def _generate(model, image, *extra):
     ("zero-repeats", "--repeats must be >= 1"),
     ("demo-budget-too-small", "budget 30 is below"),
     ("qwen-demo-budget-too-small", "budget 30 is below"),
-    ("qwen-demo-two-images", "once and no other '<|image_pad|>'"),
+    ("qwen-demo-two-images", "--prompt has the image token '<|image_pad|>' 2 times"),
+    ("llava-demo-two-images", "--prompt has the image token '<image>' 2 times"),
+    ("too-many-new-tokens", f"--max-new-tokens must be <= {MAX_NEW_TOKENS}"),
+    ("demo-too-many-new-tokens", f"--max-new-tokens must be <= {MAX_NEW_TOKENS}"),
+    ("too-many-repeats", "--repeats must be <= 100"),
+    ("negative-seed", "--seed must be >= 0"),
+    ("rank-budget-without-coefficients", "got --budget 100: pass --rank-scale and --rank-bias"),
+    ("rank-scale-without-bias", "--rank-scale and --rank-bias go together"),
+    ("rank-coefficients-without-v1", "--rank-scale and --rank-bias need --preset v1"),
+    ("rank-scale-nan", "--rank-scale must be a finite number, got nan"),
+    ("rank-scale-negative", "--rank-scale must be > 0"),
+    ("out-is-a-file", "is a file, not a folder"),
+    ("demo-out-is-a-file", "is a file, not a folder"),
+    ("out-below-a-file", "cannot write to --out"),
+    ("out-unwritable", "cannot write to --out /proc/sparsevlm_out"),
     ("demo-unknown-family", "invalid choice: 'gpt'"),
     ("lab-demo-index-out-of-range", "--index must be in 0..199"),
     ("index-without-lab", "--index selects a scene-VQA example of the lab VLM"),
@@ -170,6 +184,8 @@ def _generate(model, image, *extra):
 def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file, capsys):
     bad_image = tmp_path / "bad.png"
     bad_image.write_text("not a picture")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
     argv = {
         "missing-model": _generate(tmp_path / "nowhere", image_file),
         "model-without-config": _generate(tmp_path, image_file),
@@ -186,6 +202,20 @@ def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file
         "demo-budget-too-small": ["demo", "--family", "llava", "--budget", "30"],
         "qwen-demo-budget-too-small": ["demo", "--family", "qwen2_vl", "--budget", "30"],
         "qwen-demo-two-images": ["demo", "--family", "qwen2_vl", "--prompt", f"{IMAGE_BLOCK}{IMAGE_BLOCK}"],
+        "llava-demo-two-images": ["demo", "--family", "llava", "--prompt", "<image> and <image>"],
+        "too-many-new-tokens": _generate(fake_model_dir, image_file, "--max-new-tokens", str(MAX_NEW_TOKENS + 1)),
+        "demo-too-many-new-tokens": ["demo", "--max-new-tokens", str(MAX_NEW_TOKENS + 1)],
+        "too-many-repeats": ["demo", "--repeats", "101"],
+        "negative-seed": ["demo", "--family", "llava", "--seed=-1"],
+        "rank-budget-without-coefficients": _generate(fake_model_dir, image_file, "--preset", "v1", "--budget", "100"),
+        "rank-scale-without-bias": ["demo", "--preset", "v1", "--rank-scale", "2"],
+        "rank-coefficients-without-v1": ["demo", "--rank-scale", "2", "--rank-bias", "1"],
+        "rank-scale-nan": ["demo", "--preset", "v1", "--budget", "100", "--rank-scale", "nan", "--rank-bias", "1"],
+        "rank-scale-negative": ["demo", "--preset", "v1", "--rank-scale=-2", "--rank-bias", "1"],
+        "out-is-a-file": _generate(fake_model_dir, image_file, "--out", str(a_file)),
+        "demo-out-is-a-file": ["demo", "--family", "llava", "--out", str(a_file)],
+        "out-below-a-file": _generate(fake_model_dir, image_file, "--out", str(a_file / "sub")),
+        "out-unwritable": _generate(fake_model_dir, image_file, "--out", "/proc/sparsevlm_out"),
         "demo-unknown-family": ["demo", "--family", "gpt"],
         "lab-demo-index-out-of-range": ["demo", "--index", "200"],
         "index-without-lab": ["demo", "--family", "llava", "--index", "3"],
@@ -233,6 +263,73 @@ def test_generate_with_a_local_checkpoint(tmp_path, capsys):
     assert re.search(r"visual tokens 576 -> \d+ \(after layer 2\)", out)
     assert "decoder FLOPs reduction" in out
     assert_png(tmp_path / "out" / cli.PNG_NAME, (4 * PANEL, PANEL))
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A random-weight LLaVA-1.5-shaped checkpoint with 4 decoder layers (pruning layers 1, 2)."""
+    path = tmp_path_factory.mktemp("small") / "llava"
+    save_demo_checkpoint(path, seed=2, depth=4)
+    return path
+
+
+def _generate_small(checkpoint, image, tmp_path, *extra):
+    return ["generate", "--model", str(checkpoint), "--image", str(image), "--max-new-tokens", "1",
+            "--out", str(tmp_path / "out"), *extra]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("two-images", "--prompt has the image token '<image>' 2 times"),
+    ("out-is-a-file", "is a file, not a folder"),
+    ("out-unwritable", "cannot write to --out /proc/sparsevlm_out"),
+])
+def test_generate_fails_in_one_line_before_loading_the_model(case, message, small_checkpoint, image_file, tmp_path,
+                                                              capsys, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    extra = {"two-images": ["--prompt", "<image> and <image>"],
+             "out-is-a-file": ["--prompt", "what?", "--out", str(a_file)],
+             "out-unwritable": ["--prompt", "what?", "--out", "/proc/sparsevlm_out"]}[case]
+    loaded = []
+    monkeypatch.setattr(cli_generate, "load_model", lambda *a: loaded.append(a))
+    code, out, err = run_cli(_generate_small(small_checkpoint, image_file, tmp_path, *extra), capsys)
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert out == "" and loaded == []
+
+
+def test_out_check_leaves_no_folder_behind(fake_model_dir, image_file, tmp_path, capsys):
+    out_dir = tmp_path / "new" / "deeper"
+    code, out, err = run_cli(_generate(fake_model_dir, image_file, "--out", str(out_dir)), capsys)
+    assert code == 2 and "cannot read the model config" in err and out == ""
+    assert not (tmp_path / "new").exists()
+
+
+def test_generate_rank_preset_takes_coefficients_for_any_budget(small_checkpoint, image_file, tmp_path, capsys):
+    code, out, err = run_cli(_generate_small(small_checkpoint, image_file, tmp_path, "--prompt", "what?", "--preset",
+                                             "v1", "--budget", "100", "--rank-scale", "2", "--rank-bias", "1"), capsys)
+    assert code == 0, err
+    assert "preset v1, budget 100; pruning layers: 1, 2" in out
+    assert re.search(r"visual tokens 576 -> \d+ \(after layer 1\)", out)
+    assert (tmp_path / "out" / cli.PNG_NAME).is_file()
+
+
+def test_generate_runs_with_the_most_new_tokens_allowed(small_checkpoint, image_file, tmp_path, capsys):
+    argv = _generate_small(small_checkpoint, image_file, tmp_path, "--prompt", "what?")
+    argv[argv.index("--max-new-tokens") + 1] = str(MAX_NEW_TOKENS)
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "decoder FLOPs reduction" in out
+
+
+def test_an_unforeseen_failure_is_one_line_with_exit_1(small_checkpoint, image_file, tmp_path, capsys, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("out of memory\nsecond line")
+
+    monkeypatch.setattr(cli_generate, "load_model", broken)
+    code, out, err = run_cli(_generate_small(small_checkpoint, image_file, tmp_path, "--prompt", "what?"), capsys)
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == ["sparsevlm: error: RuntimeError: out of memory"]
 
 
 def save_tiny_llava_next(path):
@@ -320,29 +417,29 @@ def test_qwen_processor_takes_the_checkpoints_chat_template(tmp_path):
     (tmp_path / "chat_template.jinja").write_text(custom)
     processor = load_qwen_processor(tmp_path)
     assert processor.chat_template == custom
-    assert cli.build_prompt(processor, "Why?") == IMAGE_BLOCK
+    assert build_prompt(processor, "Why?") == IMAGE_BLOCK
 
 
 def test_build_prompt_for_qwen():
     processor = build_qwen_processor(build_qwen_tokenizer())
-    assert cli.build_prompt(processor, "Why?", PLAIN_PROMPT).endswith(
+    assert build_prompt(processor, "Why?", PLAIN_PROMPT).endswith(
         f"<|im_start|>user\n{IMAGE_BLOCK}Why?<|im_end|>\n<|im_start|>assistant\n")
-    assert cli.build_prompt(processor, f"{IMAGE_BLOCK} as given", PLAIN_PROMPT) == f"{IMAGE_BLOCK} as given"
+    assert build_prompt(processor, f"{IMAGE_BLOCK} as given", PLAIN_PROMPT) == f"{IMAGE_BLOCK} as given"
     processor.chat_template = None
-    assert cli.build_prompt(processor, "Why?", PLAIN_PROMPT) == PLAIN_PROMPT.format(prompt="Why?")
+    assert build_prompt(processor, "Why?", PLAIN_PROMPT) == PLAIN_PROMPT.format(prompt="Why?")
 
 
 def test_build_prompt_uses_the_chat_template_when_there_is_one():
     processor = build_demo_processor(build_demo_tokenizer())
     processor.chat_template = None
-    assert cli.build_prompt(processor, "Why?") == "USER: <image>\nWhy? ASSISTANT:"
-    assert cli.build_prompt(processor, "<image> as given") == "<image> as given"
+    assert build_prompt(processor, "Why?") == "USER: <image>\nWhy? ASSISTANT:"
+    assert build_prompt(processor, "<image> as given") == "<image> as given"
     processor.chat_template = (
         "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
         "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
         "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
     )
-    assert cli.build_prompt(processor, "Why?") == "USER: <image>\nWhy? ASSISTANT:"
+    assert build_prompt(processor, "Why?") == "USER: <image>\nWhy? ASSISTANT:"
 
 
 # ---------------------------------------------------------------- heatmap

@@ -1,10 +1,17 @@
-"""Config validation, presets, schedules and FLOPs accounting."""
+"""Config validation, presets, schedules and FLOPs accounting, and the inputs a sparsified
+Qwen model checks before its vision tower runs."""
+import math
+import re
+
+import numpy as np
 import pytest
+import torch
 
 import sparsevlm_engine as sve
 from sparsevlm_engine.accounting import DecoderDims, layer_flops_exact, layer_macs_paper, prefill_flops
 from sparsevlm_engine.schedule import (SCHEDULE_TABLES, default_pruning_layers, derive_schedule,
                                        layer_averaged_tokens, scale_count, schedule_counts)
+from tiny import llava_prompts, tiny_llava
 
 
 def test_presets():
@@ -29,10 +36,38 @@ def test_presets():
     ({"keep_fraction": 0.0}, "keep_fraction must be in"),
     ({"keep_fraction": 1.5}, "keep_fraction must be in"),
     ({"keep_fraction": 0.5, "mode": "rank"}, "keep_fraction needs schedule mode"),
-    ({"keep_fraction": 0.05}, "below 54.9"),
+    ({"keep_fraction": 0.05}, "keep_fraction 0.05 is too small: budget 28.8 is below 54.9"),
+    ({"cluster_divisor": 1}, "cluster_divisor must be >= 2"),
+    ({"cluster_divisor": 0}, "cluster_divisor must be >= 2"),
+    ({"reference_visual_tokens": 1}, "reference_visual_tokens must be >= 2"),
+    ({"reference_visual_tokens": 200}, "gives the v1.5 counts (303, 110, 36), not all below"),
+    ({"keep_counts": (600, 700, 800)}, "keep_counts must be in 1..575"),
+    ({"keep_counts": (576,)}, "keep_counts must be in 1..575"),
+    ({"keep_counts": (0,)}, "keep_counts must be in 1..575"),
+    ({"keep_counts": (100,), "reference_visual_tokens": 100}, "keep_counts must be in 1..99"),
+    ({"keep_counts": (100, 200)}, "keep_counts must not increase"),
+    ({"keep_counts": (40, 30, 20, 10)}, "default pruning layers are at most 3"),
+    ({"keep_counts": (100,), "keep_fraction": 0.5}, "keep_counts and keep_fraction both set the counts"),
+    ({"keep_counts": ()}, "keep_counts must not be empty"),
+    ({"keep_counts": 100}, "keep_counts must be a sequence of ints"),
+    ({"keep_counts": (100,), "mode": "rank", "budget": 64}, "keep_counts needs schedule mode"),
+    ({"pruning_layers": (2, 2)}, "distinct"),
+    ({"pruning_layers": (-1, 2)}, ">= 0"),
+    ({"pruning_layers": "26"}, "pruning_layers must be a sequence of ints"),
+    ({"mode": "rank", "rank_scale": 0.0, "rank_bias": 1.0}, "rank_scale must be > 0"),
+    ({"mode": "rank", "rank_scale": -1.0, "rank_bias": 1.0}, "rank_scale must be > 0"),
+    ({"mode": "rank", "rank_scale": 2.0}, "both rank_scale and rank_bias"),
+    ({"rank_scale": 2.0, "rank_bias": 1.0}, "rank_scale and rank_bias need rank mode"),
+    ({"recycle_ratio": 0.0}, "recycle_ratio must be in (0, 1]"),
+    ({"recycle_ratio": 1.01}, "recycle_ratio must be in (0, 1]"),
+    ({"recycle_ratio": None}, "recycle_ratio must be a finite number"),
+    ({"priority_head_fraction": 0.0}, "priority_head_fraction must be in (0, 1]"),
+    ({"mode": ["rank"]}, "mode must be one of"),
+    ({"schedule": ["v1.5"]}, "schedule must be one of"),
+    ({"backend": None}, "backend must be one of"),
 ])
 def test_invalid_configs_raise(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=re.escape(match)):
         sve.SparseVLMConfig(**kwargs)
 
 
@@ -103,3 +138,128 @@ def test_keep_fraction_is_a_budget_of_576():
     assert sve.SparseVLMConfig.v2(keep_fraction=128 / 576).schedule_budget == 128
     assert not sve.SparseVLMConfig.v1_5(keep_fraction=1.0).prunes
     assert sve.SparseVLMConfig.v1_5(64).schedule_budget == 64
+
+
+# ---------------------------------------------------------------- field types, one rule per kind
+
+INT_FIELDS = ("budget", "cluster_divisor", "reference_visual_tokens", "keep_counts", "pruning_layers")
+NUMBER_FIELDS = ("keep_fraction", "rank_scale", "rank_bias", "recycle_ratio", "priority_head_fraction")
+
+
+def _with_field(name, value):
+    """Config kwargs setting `name` to value (the last element of the tuple fields), valid otherwise."""
+    if name in ("keep_counts", "pruning_layers"):
+        return {"keep_counts": (300, 100), "pruning_layers": (2, 6), name: (300 if name == "keep_counts" else 2, value)}
+    if name in ("rank_scale", "rank_bias"):
+        return {"mode": "rank", "rank_scale": 1.0, "rank_bias": 1.0, name: value}
+    return {name: value}
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+@pytest.mark.parametrize("value", [2.7, 128.0, True, False, "3", None])
+def test_integer_fields_take_ints_only(name, value):
+    with pytest.raises(ValueError, match=r"^" + name + r"(\[1\])? must be an int, got "):
+        sve.SparseVLMConfig(**_with_field(name, value))
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+def test_integer_fields_take_numpy_ints_as_ints(name):
+    config = sve.SparseVLMConfig(**_with_field(name, np.int64(64)))
+    value = getattr(config, name)
+    last = value[-1] if isinstance(value, tuple) else value
+    assert last == 64 and type(last) is int
+
+
+@pytest.mark.parametrize("name", NUMBER_FIELDS)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, True, "0.5"])
+def test_number_fields_take_finite_numbers_only(name, value):
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number, got "):
+        sve.SparseVLMConfig(**_with_field(name, value))
+
+
+@pytest.mark.parametrize("name", ["recycling", "priority_heads", "rope_gravity"])
+@pytest.mark.parametrize("value", [1, 0, "no", None])
+def test_flags_take_bools_only(name, value):
+    with pytest.raises(ValueError, match=f"^{name} must be True or False, got "):
+        sve.SparseVLMConfig(**{name: value})
+
+
+def test_rank_scale_infinite_or_nan_from_the_preset_is_rejected():
+    for scale in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="rank_scale must be a finite number"):
+            sve.SparseVLMConfig.v1_rank(100, scale=scale, bias=0.0)
+
+
+def test_every_message_is_one_line_naming_the_field():
+    cases = [({"cluster_divisor": 1}, "cluster_divisor"), ({"pruning_layers": (2.7,)}, "pruning_layers"),
+             ({"keep_counts": (600, 700, 800)}, "keep_counts"), ({"keep_fraction": 0.05}, "keep_fraction"),
+             ({"budget": 128.0}, "budget"), ({"recycle_ratio": math.nan}, "recycle_ratio")]
+    for kwargs, field in cases:
+        with pytest.raises(ValueError) as info:
+            sve.SparseVLMConfig(**kwargs)
+        message = str(info.value)
+        assert message.startswith(field) and "\n" not in message
+
+
+def test_explicit_counts_prune_whatever_the_budget():
+    assert sve.SparseVLMConfig(budget=576, keep_counts=(100,), pruning_layers=(2,)).prunes
+    assert sve.SparseVLMConfig.v1_rank(600, scale=1.0, bias=1.0).prunes
+    assert not sve.SparseVLMConfig.v1_rank(600).prunes and not sve.SparseVLMConfig.v1_5(576).prunes
+
+
+# ---------------------------------------------------------------- boundaries that are accepted run
+
+def _pruned_generate(config):
+    """Visual tokens left after each pruning layer [[n, ...]] of a sparse 2-token generate on a tiny
+    LLaVA (64 visual tokens, 8 layers, pruning layers 1 / 2 / 4 unless the config names others)."""
+    model = tiny_llava(seed=3)
+    inputs = llava_prompts()
+    sve.sparsify(model, config)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 2)
+    trace = sve.last_trace(model)
+    return [[r.visual_after for r in s.pruning] for s in trace.samples]
+
+
+@pytest.mark.parametrize("config", [
+    sve.SparseVLMConfig.v1_5(55),
+    sve.SparseVLMConfig.v2(55),
+    sve.SparseVLMConfig.v1_5(575),
+    sve.SparseVLMConfig.v1_5(keep_fraction=0.0954),
+    sve.SparseVLMConfig.v1_5(128, cluster_divisor=2, recycle_ratio=1.0),
+    sve.SparseVLMConfig.v1_5(128, recycle_ratio=1e-9),
+    sve.SparseVLMConfig.v2(128, priority_head_fraction=1e-9),
+    sve.SparseVLMConfig.v1_rank(100, scale=1e-9, bias=0.0),
+    sve.SparseVLMConfig.v1_rank(100, scale=1e9, bias=-5.0),
+    sve.SparseVLMConfig(keep_counts=(575,), pruning_layers=(0,), recycling=False),
+    sve.SparseVLMConfig(keep_counts=(1, 1), pruning_layers=(1, 6)),
+    sve.SparseVLMConfig(keep_counts=(36, 36, 36)),
+], ids=["v1.5-55", "v2-55", "v1.5-575", "fraction-0.0954", "divisor-2-ratio-1", "ratio-1e-9", "heads-1e-9",
+        "rank-scale-1e-9", "rank-scale-1e9", "counts-575", "counts-1-layer-6", "counts-equal"])
+def test_accepted_boundary_configs_run_a_pruned_generate(config):
+    after = _pruned_generate(config)
+    assert len(after) == 1 and after[0] and all(1 <= n <= 64 for n in after[0])
+
+
+def test_cluster_divisor_two_recycles_at_most_one_cluster_per_candidate():
+    after = _pruned_generate(sve.SparseVLMConfig.v1_5(128, cluster_divisor=2, recycle_ratio=1.0))
+    assert after[0] == sorted(after[0], reverse=True) and after[0][-1] < 64
+
+
+@pytest.mark.parametrize("accepted, rejected", [
+    ({"budget": 55}, {"budget": 54}),
+    ({"keep_fraction": 0.0954}, {"keep_fraction": 0.0953}),
+    ({"keep_counts": (575,), "pruning_layers": (2,)}, {"keep_counts": (576,), "pruning_layers": (2,)}),
+    ({"keep_counts": (100, 100), "pruning_layers": (2, 6)}, {"keep_counts": (100, 101), "pruning_layers": (2, 6)}),
+    ({"keep_counts": (30, 20, 10)}, {"keep_counts": (40, 30, 20, 10)}),
+    ({"cluster_divisor": 2}, {"cluster_divisor": 1}),
+    ({"recycle_ratio": 1.0}, {"recycle_ratio": 1.0000001}),
+    ({"priority_head_fraction": 1.0}, {"priority_head_fraction": 1.0000001}),
+    ({"mode": "rank", "rank_scale": 1e-300, "rank_bias": 0.0}, {"mode": "rank", "rank_scale": 0.0, "rank_bias": 0.0}),
+    ({"reference_visual_tokens": 2, "budget": 1, "keep_counts": (1,)}, {"reference_visual_tokens": 1}),
+])
+def test_first_value_past_each_boundary_raises(accepted, rejected):
+    sve.SparseVLMConfig(**accepted)
+    with pytest.raises(ValueError):
+        sve.SparseVLMConfig(**rejected)

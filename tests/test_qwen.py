@@ -246,3 +246,22 @@ def test_counts_scale_with_each_samples_visual_tokens(family):
     counts = [[r.visual_after for r in s.pruning] for s in by_fraction.samples]
     assert counts == [[r.visual_after for r in s.pruning] for s in by_budget.samples]
     assert counts[0] != [34, 12, 4] and counts[0][0] > counts[0][1] > counts[0][2]
+
+
+@pytest.mark.parametrize("call", ["forward", "generate"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pixels_without_their_grid_raise_a_value_error_naming_it(family, call):
+    """pixel_values without image_grid_thw never reach the vision tower (generate runs it before
+    any forward; a forward with explicit 3-D position_ids [3, 1, L] would too): a ValueError
+    names image_grid_thw first."""
+    model = tiny_qwen(family)
+    inputs, kinds = qwen_prompts([[("image", (4, 4))]])
+    inputs = with_token_types(inputs, kinds)
+    del inputs["image_grid_thw"]
+    sve.sparsify(model, sve.SparseVLMConfig.v1_5(128))
+    with pytest.raises(ValueError, match="image_grid_thw"), torch.no_grad():
+        if call == "generate":
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        else:
+            length = inputs["input_ids"].shape[1]
+            model(**inputs, position_ids=torch.arange(length).view(1, 1, length).expand(3, 1, length))
