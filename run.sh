@@ -68,8 +68,8 @@ case "$cmd" in
         setup_tf4
         echo "== tests with transformers $TF4_VERSION (.venv-tf4)"
         .venv-tf4/bin/python -m pytest -q tests -m "not tf5_only" "$@" || status=1
-        echo "== end-to-end benchmark suite at CPU shapes, timings off (.venv)"
-        .venv/bin/python -m pytest -q bench/test_e2e_bench.py --benchmark-disable || status=1
+        echo "== benchmark suites at CPU shapes, timings off (.venv)"
+        .venv/bin/python -m pytest -q bench/test_e2e_bench.py bench/test_hook_overhead.py bench/test_suite_summary.py --benchmark-disable || status=1
         exit $status
         ;;
     *)

@@ -101,6 +101,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: the shape's")
     parser.add_argument("--repeats-scale", type=float, default=1.0, help="scale the repeat counts and times")
     parser.add_argument("--resume", action="store_true", help="keep the cases already in the JSON")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run no case: derive the figures, targets and plots of the JSON as it is")
     parser.add_argument("--name", help="JSON / plot stem (default e2e_<device>)")
     return parser.parse_args(argv)
 
@@ -129,20 +131,28 @@ def main(argv=None) -> dict:
     path = stem.with_suffix(".json")
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"environment": env, "settings": {}, "shapes": {}, "cases": {}, "runs": []}
-    if args.resume and path.exists():
+    if args.report_only and not path.exists():
+        raise SystemExit(f"--report-only: no results at {path}")
+    if (args.resume or args.report_only) and path.exists():
         previous = json.loads(path.read_text())
-        results["cases"] = {k: v for k, v in previous.get("cases", {}).items() if not v.get("error")}
+        if args.report_only:
+            env = results["environment"] = previous["environment"]
+            kind, shapes = env["device_type"], []
+        results["cases"] = {k: v for k, v in previous.get("cases", {}).items()
+                            if args.report_only or not v.get("error")}
         results["shapes"] = previous.get("shapes", {})
         results["runs"] = previous.get("runs", [])
-    results["runs"].append({"date": env["date"], "argv": sys.argv[1:] if argv is None else list(argv)})
-    results["settings"] = {
+    if not args.report_only:
+        results["runs"].append({"date": env["date"], "argv": sys.argv[1:] if argv is None else list(argv)})
+    results["settings"] = previous["settings"] if args.report_only else {
         "repeats": dict(zip(("prefill", "generate", "authors_style_loop"), map(vars, repeats))),
         "new_tokens": args.new_tokens,
         "timer": "CUDA events, synchronised per call" if kind == "cuda" else "perf_counter",
         "prefill_call": "model(**inputs, use_cache=True, logits_to_keep=1) under no_grad",
         "flops_ratio": "dense_exact / (sparse_exact + pruning), summed over rows",
         "decode_ms_per_step": "(median generate(N) - median generate(1)) / (N - 1)"}
-    failures = 0
+    failures = sum(c.get("error", "out of memory") != "out of memory" for c in results["cases"].values()) \
+        if args.report_only else 0
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         dtype = getattr(torch, args.dtype or shape.dtype)

@@ -42,6 +42,8 @@ def decode_mask(valid: torch.Tensor, generated: torch.Tensor, query_length: int,
     keys = torch.cat([valid, generated.to(torch.bool)], dim=1)
     if impl not in FOUR_D:
         return keys
+    if query_length == 1:  # the one query is the last slot: causality allows every key
+        return _finish(keys[:, None, None, :], impl, dtype)
     total = keys.shape[1]
     q_pos = torch.arange(total - query_length, total, device=keys.device)
     causal = torch.arange(total, device=keys.device)[None, :] <= q_pos[:, None]
