@@ -13,8 +13,12 @@ a prefill's decode state on its cache (see state.py).
 - a pre-hook on layer 0 picks the raters;
 - a pre-hook on every later layer swaps in the mask, RoPE rows and position ids of the
   compacted layout it runs on (prefill) or its stage's decode mask (decode);
-- a pre-hook on the attention of each pruning layer keeps its input, and a hook on the
-  layer's output scores, selects, recycles and compacts.
+- a second pre-hook on each pruning layer keeps its attention input (the layer's
+  input_layernorm of the layer input), and a hook on the layer's output scores, selects,
+  recycles and compacts.
+
+No hook runs inside a layer's forward, so that a compiled forward (compiled.py) holds the
+layer's own computation only.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from torch import nn
 
 from .accounting import DecoderDims
 from .config import SparseVLMConfig
-from .families import Family, rope_rows, rotary_functions
+from .families import Family, UnsupportedModelError, rope_rows, rotary_functions
 from .masks import decode_mask, prefill_mask
 from .pruning import Pruner, Rope, ScoringInputs, Stage
 from .schedule import default_pruning_layers
@@ -118,6 +122,10 @@ class SparseEngine:
         if self.impl not in SUPPORTED_ATTENTION:
             raise UnsupportedModeError(
                 f"attn_implementation {self.impl!r} is not supported; use one of {SUPPORTED_ATTENTION}")
+        for index in self.pruning_layers:
+            if not isinstance(getattr(self.layers[index], "input_layernorm", None), nn.Module):
+                raise UnsupportedModelError(f"decoder layer {index} has no input_layernorm, which the engine "
+                                            "needs to recompute its attention input")
         attn = self.layers[self.pruning_layers[0]].self_attn
         inv_freq = getattr(getattr(self.decoder, "rotary_emb", None), "inv_freq", None)
         self.rotary = rotary_functions(attn)
@@ -160,11 +168,12 @@ class SparseEngine:
         self.handles.append(self.outer.register_forward_hook(self._end_call, with_kwargs=True, always_call=True))
         self.handles.append(self.decoder.register_forward_pre_hook(self._on_decoder_call, with_kwargs=True))
         for index, layer in enumerate(self.layers):
-            self.handles.append(layer.register_forward_pre_hook(
-                functools.partial(self._before_layer, index), with_kwargs=True))
+            if index == 0 or self.layer_stage[index] > 0:  # later layers of stage 0 run as given
+                self.handles.append(layer.register_forward_pre_hook(
+                    functools.partial(self._before_layer, index), with_kwargs=True))
         for index in self.pruning_layers:
             layer = self.layers[index]
-            self.handles.append(layer.self_attn.register_forward_pre_hook(self._keep_attention_input, with_kwargs=True))
+            self.handles.append(layer.register_forward_pre_hook(self._keep_attention_input, with_kwargs=True))
             self.handles.append(layer.register_forward_hook(
                 functools.partial(self._after_pruning_layer, index), with_kwargs=True))
 
@@ -317,10 +326,12 @@ class SparseEngine:
         state.cache = kwargs.get("past_key_values")
 
     def _keep_attention_input(self, module, args, kwargs):
+        """What the pruning layer's attention will see: its input_layernorm of the layer input,
+        and the RoPE rows and cache the layer runs with (after _before_layer swapped them)."""
         state = current_call(self)
         if state is None or state.phase is not Phase.PREFILL:
             return None
-        x = kwargs.get("hidden_states", args[0] if args else None)
+        x = module.input_layernorm(_hidden(args, kwargs))
         cos, sin = (_batched(rope_rows(t, self.sections), x.shape[0]) for t in kwargs["position_embeddings"])
         state.prefill.scoring = ScoringInputs(x=x, cos=cos, sin=sin, keys=None)
         if kwargs.get("past_key_values") is not None:
