@@ -51,6 +51,8 @@ def _guarded_generate(model, *args, **kwargs):
 def _check_visual_inputs(model, args, kwargs) -> None:
     """Raise the family's clear ValueError for a prompt with visual tokens whose inputs are incomplete."""
     family = model.__dict__[_ENGINE_ATTR].family
+    if not family.mrope:  # only mRoPE families need inputs beyond the visual tokens themselves
+        return
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
     if (input_ids is not None or embeds is not None) and bool(family.visual_mask(model, input_ids, embeds).any()):

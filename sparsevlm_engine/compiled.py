@@ -42,8 +42,9 @@ import types
 import torch
 from torch import nn
 
-from .engine import UnsupportedModeError, _attn_implementation
+from .engine import UnsupportedModeError, attn_implementation
 from .families import family_of
+from .masks import decode_mask
 
 _COMPILED_ATTR = "_sparsevlm_compiled"
 COMPILED_ATTENTION = ("eager", "sdpa")
@@ -61,12 +62,9 @@ def _layer_entry(index: int):
 
 
 def _causal_mask(batch: int, queries: int, keys: int, impl: str, dtype, device) -> torch.Tensor:
-    """[B, 1, Q, K]: query q, at position K - Q + q, sees keys 0 .. K - Q + q."""
-    q_pos = torch.arange(keys - queries, keys, device=device)
-    allowed = (torch.arange(keys, device=device)[None, :] <= q_pos[:, None]).expand(batch, 1, queries, keys)
-    if impl == "sdpa":
-        return allowed.clone(memory_format=torch.contiguous_format)
-    return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
+    """[B, 1, Q, K]: query q, at position K - Q + q, sees keys 0 .. K - Q + q (no padding)."""
+    every = torch.ones(batch, keys, dtype=torch.bool, device=device)
+    return decode_mask(every[:, :keys - queries], every[:, keys - queries:], queries, impl, dtype).contiguous()
 
 
 def _unaliased(t: torch.Tensor) -> torch.Tensor:
@@ -217,7 +215,7 @@ def compile_decoder(model: nn.Module, **options) -> nn.Module:
             return model
         uncompile_decoder(model)
     family = family_of(model)
-    impl = _attn_implementation(model.config)
+    impl = attn_implementation(model.config)
     if impl not in COMPILED_ATTENTION:
         raise UnsupportedModeError(f"compile_decoder supports attn_implementation {COMPILED_ATTENTION}, got {impl!r}")
     layers = list(family.decoder(model).layers)

@@ -71,7 +71,8 @@ class PruningObserver:
         """After pruning layer `layer` has compacted its output."""
 
 
-def _attn_implementation(config) -> str:
+def attn_implementation(config) -> str:
+    """The attention implementation the text decoder runs (eager when unset)."""
     text = getattr(config, "text_config", config)
     return getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None) or "eager"
 
@@ -118,7 +119,7 @@ class SparseEngine:
         self.pruning_layers = config.pruning_layers or default_pruning_layers(self.depth)
         if self.pruning_layers[-1] >= self.depth - 1:
             raise ValueError(f"pruning layers {self.pruning_layers} must be below the last layer ({self.depth - 1})")
-        self.impl = _attn_implementation(model.config)
+        self.impl = attn_implementation(model.config)
         if self.impl not in SUPPORTED_ATTENTION:
             raise UnsupportedModeError(
                 f"attn_implementation {self.impl!r} is not supported; use one of {SUPPORTED_ATTENTION}")
@@ -316,9 +317,12 @@ class SparseEngine:
         pid = kwargs.get("position_ids")
         rope = Rope(_batched(cos, batch), _batched(sin, batch),
                     None if pid is None else pid.expand(batch, pid.shape[-1]))
-        wrap = None
-        if self.observers:
-            wrap = functools.partial(functools.reduce, lambda ops, o: o.wrap_ops(ops), self.observers)
+        observers = self.observers
+
+        def wrap(ops):
+            for observer in observers:
+                ops = observer.wrap_ops(ops)
+            return ops
         self._notify("before_raters")
         state.prefill = self.pruner.start(hidden, valid, request.visual.to(hidden.device), rope,
                                           request.mrope_ids, wrap)
