@@ -52,7 +52,7 @@ class AuthorsStyleOps:
         groups = heads // k.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=k.device).tril()
         lowest = torch.finfo(q_all.dtype).min
-        divisor = None if gravity is None else ref.gravity_lookup(*gravity)
+        divisor = ref.gravity_divisor(gravity, rater_slot)
         out = []
         for b in range(batch):  # one sample at a time, as their code runs
             keys = k[b:b + 1].repeat_interleave(groups, dim=1)
@@ -67,13 +67,13 @@ class AuthorsStyleOps:
             out.append(torch.where(keep[None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device)))
         return torch.stack(out)
 
-    def head_relevance(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, gravity=None):
-        return ref.head_relevance(self._rater_probs(k, rater_slot, rater_valid, key_valid, visual, scaling, gravity),
-                                  rater_valid)
+    def head_relevance(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, lse=None, gravity=None):
+        return ref.mean_over_raters(self._rater_probs(k, rater_slot, rater_valid, key_valid, visual, scaling,
+                                                      gravity), rater_valid)
 
-    def rater_rows(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, weights, gravity=None):
+    def rater_rows(self, q, k, rater_slot, rater_valid, key_valid, visual, scaling, weights, lse=None, gravity=None):
         a = self._rater_probs(k, rater_slot, rater_valid, key_valid, visual, scaling, gravity)
-        return ref.rater_rows(a, rater_valid, weights)
+        return ref.weighted_rows(a, rater_valid, weights)
 
 
 class AuthorsStyle(sve.PruningObserver):

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparsevlm_engine as sve  # noqa: E402
 from e2e_cases import run_batch, warm_up, write_results  # noqa: E402
 from e2e_common import Repeats  # noqa: E402
-from e2e_figures import BUDGETS, PRESETS, derive, end_to_end_ratios  # noqa: E402
+from e2e_figures import BUDGETS, COMPILED, PRESETS, derive, end_to_end_ratios  # noqa: E402
 from e2e_inputs import make_inputs, visual_token_count  # noqa: E402
 from e2e_models import SHAPES, build_model, flash_attn_available, set_attention  # noqa: E402
 from e2e_plot import plot  # noqa: E402
@@ -52,6 +52,7 @@ from e2e_report import print_table  # noqa: E402
 from e2e_targets import TARGET_SHAPE, evaluate_targets  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+COMPILED_ATTN = ("sdpa" + COMPILED, "eager" + COMPILED)
 DEFAULT_SHAPES = {"cuda": ("llava-1.5-7b", "llava-next-7b"), "cpu": ("llava-1.5-small",)}
 DEFAULT_BATCHES = {"llava-1.5-7b": (1, 8, 32), "llava-next-7b": (1, 8), "llava-1.5-small": (1, 8),
                    "llava-next-small": (1, 4), "llava-1.5-tiny": (1, 8, 32), "llava-next-tiny": (1, 4)}
@@ -94,8 +95,10 @@ def parse_args(argv=None):
     parser.add_argument("--batches", nargs="+", type=int, help="default: 1 8 32 (LLaVA-1.5-7B), 1 8 (NeXT, CPU)")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
-    parser.add_argument("--attn", nargs="+", choices=("sdpa", "flash_attention_2", "eager"),
-                        help="default: sdpa, and flash_attention_2 when flash-attn is installed (CUDA)")
+    parser.add_argument("--attn", nargs="+", choices=("sdpa", "flash_attention_2", "eager") + COMPILED_ATTN,
+                        help="default: sdpa, and flash_attention_2 when flash-attn is installed (CUDA); "
+                        f"'<attn>{COMPILED}' runs the decoder layers compiled (sve.compile_decoder), dense and "
+                        "sparse alike")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (0: no decode figures)")
     parser.add_argument("--no-authors", action="store_true", help="skip the authors-style baseline")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: the shape's")
@@ -150,7 +153,7 @@ def main(argv=None) -> dict:
         "timer": "CUDA events, synchronised per call" if kind == "cuda" else "perf_counter",
         "prefill_call": "model(**inputs, use_cache=True, logits_to_keep=1) under no_grad",
         "flops_ratio": "dense_exact / (sparse_exact + pruning), summed over rows",
-        "decode_ms_per_step": "(median generate(N) - median generate(1)) / (N - 1)"}
+        "decode_ms_per_step": "median of N - 1 greedy decode steps over a fresh prefill's cache, / (N - 1)"}
     failures = sum(c.get("error", "out of memory") != "out of memory" for c in results["cases"].values()) \
         if args.report_only else 0
     for shape_name in shapes:
@@ -161,8 +164,11 @@ def main(argv=None) -> dict:
         n_visual = visual_token_count(model, shape)
         results["shapes"][shape_name] = describe(model, shape, n_visual, dtype)
         for attn in attns:
+            compiled = attn.endswith(COMPILED)
             try:
-                set_attention(model, attn)
+                set_attention(model, attn.removesuffix(COMPILED))
+                if compiled:
+                    sve.compile_decoder(model)
             except Exception as error:  # e.g. flash-attn present but unusable
                 print(f"   skipping {attn}: {type(error).__name__}: {error}", flush=True)
                 results.setdefault("skipped", []).append({"shape": shape_name, "attn": attn, "error": str(error)})
@@ -172,11 +178,19 @@ def main(argv=None) -> dict:
                 warm_up(model, make_inputs(model, shape, 1, n_visual=n_visual))
             except Exception:  # the cases record their own errors
                 traceback.print_exc()
-            for batch in args.batches or DEFAULT_BATCHES[shape_name]:
-                where = {"shape": shape_name, "attn": attn, "batch": batch, "n_visual": n_visual,
-                         "dtype": str(dtype).replace("torch.", "")}
-                inputs = make_inputs(model, shape, batch, n_visual=n_visual)
-                failures += run_batch(model, inputs, where, args, settings, results, path)
+            several_warm = not compiled  # compiled graphs specialise a batch of one: compile the other once
+            try:
+                for batch in args.batches or DEFAULT_BATCHES[shape_name]:
+                    where = {"shape": shape_name, "attn": attn, "batch": batch, "n_visual": n_visual,
+                             "dtype": str(dtype).replace("torch.", "")}
+                    inputs = make_inputs(model, shape, batch, n_visual=n_visual)
+                    if batch > 1 and not several_warm:
+                        warm_up(model, inputs)
+                        several_warm = True
+                    failures += run_batch(model, inputs, where, args, settings, results, path)
+            finally:
+                if compiled:
+                    sve.uncompile_decoder(model)
         del model
         if kind == "cuda":
             torch.cuda.empty_cache()

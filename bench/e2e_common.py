@@ -69,9 +69,18 @@ class Repeats:
                        max(1, math.ceil(self.max_iters * factor)), self.min_time_s * factor)
 
 
-def time_calls(fn, clock: Clock, repeats: Repeats, probes=()) -> tuple[dict, list[dict]]:
-    """Time fn() (ms stats) and collect each probe's per-call readings."""
+def time_calls(fn, clock: Clock, repeats: Repeats, probes=(), setup=None) -> tuple[dict, list[dict]]:
+    """Time fn() (ms stats) and collect each probe's per-call readings. With setup, each call is
+    fn(setup()), setup() untimed."""
+    if setup is not None:
+        call = fn
+
+        def fn():
+            call(prepared.pop())
+    prepared = []
     for _ in range(repeats.warmup):
+        if setup is not None:
+            prepared.append(setup())
         fn()
     clock.sync()
     times, readings = [], []
@@ -80,6 +89,9 @@ def time_calls(fn, clock: Clock, repeats: Repeats, probes=()) -> tuple[dict, lis
             len(times) < repeats.max_iters and time.perf_counter() - began < repeats.min_time_s):
         for probe in probes:
             probe.reset()
+        if setup is not None:
+            prepared.append(setup())
+            clock.sync()
         start = clock.mark()
         fn()
         end = clock.mark()

@@ -19,14 +19,21 @@ PRUNING_FIGURES = ("prune_ms", "prune_steps_ms", "prune_share", "visual_after_pr
 VS_DENSE = ("speedup_vs_dense", "decoder_speedup_vs_dense", "throughput_ratio_vs_dense", "speedup_over_flops_ratio",
             "speedup_over_flops_ratio_paper", "decoder_speedup_over_flops_ratio", "kv_ratio_vs_dense",
             "kv_ratio_expected")
-VS_DENSE_GENERATE = ("generate_speedup_vs_dense", "decode_speedup_vs_dense")
+VS_DENSE_GENERATE = ("generate_speedup_vs_dense", "decode_speedup_vs_dense", "decode_step_ratio_vs_dense")
+VS_DENSE_PRUNING = ("prune_step_share_of_dense",)
+VS_DENSE_MEMORY = ("peak_mem_prefill_ratio_vs_dense", "peak_mem_generate_ratio_vs_dense")
 FIGURES = {
     DENSE: PREFILL_FIGURES + GENERATE_FIGURES,
-    SPARSE: PREFILL_FIGURES + GENERATE_FIGURES + PRUNING_FIGURES + VS_DENSE + VS_DENSE_GENERATE
-    + ("speedup_vs_authors",),
+    SPARSE: PREFILL_FIGURES + GENERATE_FIGURES + PRUNING_FIGURES + VS_DENSE + VS_DENSE_GENERATE + VS_DENSE_PRUNING
+    + VS_DENSE_MEMORY + ("speedup_vs_authors",),
     AUTHORS: PREFILL_FIGURES + PRUNING_FIGURES + VS_DENSE + ("kept_identical", "kept_overlap"),
 }
-MEMORY_FIGURES = ("peak_mem_prefill_bytes", "peak_mem_prefill_extra_bytes", "peak_mem_generate_bytes")
+MEMORY_FIGURES = ("peak_mem_prefill_bytes", "peak_mem_prefill_extra_bytes", "peak_mem_generate_bytes") + VS_DENSE_MEMORY
+COMPILED = "+compiled"  # attention label suffix of the cases run with sve.compile_decoder
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
 
 
 def case_id(shape: str, attn: str, batch: int, provider: str, preset: str | None = None, budget: int | None = None):
@@ -59,6 +66,15 @@ def derive(results: dict) -> None:
                                                     / fig["generate_ms"]["median_ms"])
                 if dense_fig["decode_ms_per_step"] and fig["decode_ms_per_step"]:
                     fig["decode_speedup_vs_dense"] = dense_fig["decode_ms_per_step"] / fig["decode_ms_per_step"]
+                    fig["decode_step_ratio_vs_dense"] = 1 / fig["decode_speedup_vs_dense"]
+            if case["provider"] == SPARSE:
+                steps = fig.get("prune_steps_ms") or []
+                fig["prune_step_share_of_dense"] = (max(steps) / dense_fig["prefill_ms"]["median_ms"]
+                                                    if steps else None)
+                fig["peak_mem_prefill_ratio_vs_dense"] = _ratio(fig.get("peak_mem_prefill_bytes"),
+                                                                dense_fig.get("peak_mem_prefill_bytes"))
+                fig["peak_mem_generate_ratio_vs_dense"] = _ratio(fig.get("peak_mem_generate_bytes"),
+                                                                 dense_fig.get("peak_mem_generate_bytes"))
         if case["provider"] == SPARSE:
             authors = cases.get(case_id(case["shape"], case["attn"], case["batch"], AUTHORS, case["preset"],
                                         case["budget"]))
@@ -81,12 +97,10 @@ def _complete(case: dict, device_type: str) -> None:
             missing[key] = "GPU memory: measured on CUDA only"
         elif key in GENERATE_FIGURES + VS_DENSE_GENERATE and not case.get("new_tokens"):
             missing[key] = "generation not run (--new-tokens 0)"
-        elif key in VS_DENSE + VS_DENSE_GENERATE:
+        elif key in VS_DENSE + VS_DENSE_GENERATE + VS_DENSE_PRUNING:
             missing[key] = "no dense case of the same shape, attention and batch"
         elif key == "speedup_vs_authors":
             missing[key] = "no authors-style case (--no-authors)"
-        elif key == "decode_tokens_per_s":
-            missing[key] = "decode step time not above zero"
         else:
             missing[key] = "not measured"
     case["not_measured"] = missing

@@ -81,6 +81,22 @@ def prefill(model, inputs: dict):
         return model(**inputs, use_cache=True, logits_to_keep=1)
 
 
+def decode_steps(model, inputs: dict, prefilled, steps: int) -> torch.Tensor:
+    """`steps` greedy decode steps continuing a prefill (its output, with past_key_values), as
+    generate runs them; returns the tokens [B, steps]."""
+    cache, mask = prefilled.past_key_values, inputs["attention_mask"]
+    token = prefilled.logits[:, -1].argmax(-1, keepdim=True)
+    tokens = []
+    with torch.no_grad():
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+    return torch.cat(tokens, 1)
+
+
 def generate(model, inputs: dict, new_tokens: int) -> torch.Tensor:
     """Greedy generation of exactly new_tokens tokens per row."""
     with torch.no_grad():

@@ -9,7 +9,9 @@
 #   1. the Triton kernel and backend tests, kernels compiled (tests_<gpu>.log);
 #   2. bench/e2e_bench.py at LLaVA-1.5-7B shapes, batch 1 and 8 with the authors-style
 #      baseline, then batch 32 without it; then LLaVA-NeXT-7B shapes, batch 1 and 8: dense vs
-#      v1.5 and v2 at budgets 128 and 64, sdpa, bf16 (e2e_<gpu>.json and two plots);
+#      v1.5 and v2 at budgets 128 and 64, sdpa, bf16; then LLaVA-1.5-7B batch 1 with the decoder
+#      layers compiled (sve.compile_decoder), dense vs v1.5 and v2 at budget 128
+#      (e2e_<gpu>.json and two plots);
 #   3. the kernel microbenchmarks (kernels_<gpu>.json and .png).
 # It writes at most 6 files to OUT_DIR, all named after the GPU, for committing under
 # bench/results/, and prints a PASS / FAIL table last (bench/suite_summary.py).
@@ -28,14 +30,15 @@ if [ "$DRY" = "--dry-run" ]; then
     E2E=(--device cpu --new-tokens 3 --repeats-scale 0.2)
     LLAVA=llava-1.5-tiny NEXT=llava-next-tiny SMALL_BATCHES=(1 2) BIG_BATCH=3
     KERNEL_TESTS=(tests/test_kernel_select.py)  # the interpreter is slow: one file shows the stage works
-    LIMITS=(120 240 120 60 60)
+    LIMITS=(120 240 120 60 60 300)
 else
     GPU=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))") || exit 1
     E2E=(--device cuda --new-tokens 16 --repeats-scale 0.5)
     LLAVA=llava-1.5-7b NEXT=llava-next-7b SMALL_BATCHES=(1 8) BIG_BATCH=32
-    KERNEL_TESTS=(tests/test_kernel_raters.py tests/test_kernel_relevance.py tests/test_kernel_select.py
-                  tests/test_kernel_recycle.py tests/test_triton_backend.py)
-    LIMITS=(75 195 85 45 30)
+    KERNEL_TESTS=(tests/test_kernel_queries.py tests/test_kernel_raters.py tests/test_kernel_relevance.py
+                  tests/test_kernel_select.py tests/test_kernel_select_step.py tests/test_kernel_recycle.py
+                  tests/test_kernel_compact.py tests/test_launch_count.py tests/test_triton_backend.py)
+    LIMITS=(75 150 80 35 20 100)  # 540 s in all
 fi
 E2E+=(--out "$OUT" --name "e2e_$GPU" --presets v1.5 v2 --budgets 128 64 --attn sdpa)
 
@@ -56,6 +59,8 @@ stage e2e-llava-1.5-b32 "${LIMITS[2]}" "$PY" bench/e2e_bench.py "${E2E[@]}" --re
     --shapes "$LLAVA" --batches "$BIG_BATCH"
 stage e2e-llava-next "${LIMITS[2]}" "$PY" bench/e2e_bench.py "${E2E[@]}" --resume --shapes "$NEXT" \
     --batches "${SMALL_BATCHES[@]}"
+stage e2e-llava-1.5-compiled "${LIMITS[5]}" "$PY" bench/e2e_bench.py "${E2E[@]}" --resume --no-authors \
+    --shapes "$LLAVA" --batches 1 --budgets 128 --attn sdpa+compiled
 stage e2e-report "${LIMITS[4]}" "$PY" bench/e2e_bench.py "${E2E[@]}" --report-only
 if [ "$DRY" = "--dry-run" ]; then
     echo "kernel-bench skipped 0 ${LIMITS[3]}" >> "$STAGES"

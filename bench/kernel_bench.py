@@ -24,14 +24,11 @@ from pathlib import Path
 import torch
 
 import sparsevlm_engine as sve
-from sparsevlm_engine.kernels import reference as ref
-from sparsevlm_engine.kernels.compact import compact, compaction_order
-from sparsevlm_engine.kernels.raters import select_raters
-from sparsevlm_engine.kernels.recycle import recycle
+from sparsevlm_engine.backends import TorchOps, TritonOps
 from sparsevlm_engine.kernels.relevance import head_relevance
-from sparsevlm_engine.kernels.select import select_topk
 
 RESULTS = Path(__file__).parent / "results"
+TRITON, TORCH = TritonOps(), TorchOps()
 QUANTILES = [0.5, 0.2, 0.8]
 HEADS, HEAD_DIM, HIDDEN = 32, 128, 4096
 SHAPES = {  # name: (sequence length, visual tokens, raters)
@@ -86,15 +83,16 @@ def authors_scoring(q_all, k, rater_slot, visual):
     return out
 
 
+def both(op: str, *args, reference_timing=None, **kwargs) -> dict:
+    """The Triton launcher and its reference (backends' two tables), timed on the same arguments."""
+    return {"triton": timed(lambda: getattr(TRITON, op)(*args, **kwargs)),
+            "torch-reference": timed(lambda: getattr(TORCH, op)(*args, **kwargs), **(reference_timing or {}))}
+
+
 def bench_scoring(batch, length, n_visual, n_raters):
     q_all, q, k, slot, r_ok, k_ok, visual = scoring_inputs(batch, length, n_visual, n_raters)
     scaling = HEAD_DIM ** -0.5
-    rows = {}
-    rows["triton"] = timed(lambda: head_relevance(q, k, slot, r_ok, k_ok, visual, scaling))
-    slots = torch.arange(length, device="cuda")
-    visible = k_ok[:, None, :] & (slots[None, None, :] <= slot[:, :, None])
-    rows["torch-reference"] = timed(lambda: ref.head_relevance(ref.rater_attention(q, k, visible, visual, scaling),
-                                                               r_ok))
+    rows = both("head_relevance", q, k, slot, r_ok, k_ok, visual, scaling)
     try:
         rows["authors"] = timed(lambda: authors_scoring(q_all, k, slot, visual), warmup=5, rep=20)
     except torch.OutOfMemoryError:
@@ -106,18 +104,25 @@ def bench_scoring(batch, length, n_visual, n_raters):
     return rows
 
 
+def layout_inputs(batch, length, n_visual, start=35):
+    """valid, visual, rater [B, L] of a prompt: text, n_visual image tokens from start, then the
+    question (its tokens are the raters)."""
+    valid = torch.ones(batch, length, dtype=torch.bool, device="cuda")
+    visual = torch.zeros_like(valid)
+    visual[:, start:start + n_visual] = True
+    rater = torch.zeros_like(valid)
+    rater[:, start + n_visual:] = True
+    return valid, visual, rater
+
+
 def bench_select(batch, length, n_visual, keep):
-    scores = torch.randn(batch, length, device="cuda")
-    candidates = torch.zeros(batch, length, dtype=torch.bool, device="cuda")
-    candidates[:, 35:35 + n_visual] = True
-    k = torch.full((batch,), keep, device="cuda")
-    text = ~candidates
-    return {
-        "triton": timed(lambda: select_topk(scores, candidates, k, keep, keep_also=text, width=length - n_visual + keep)),
-        "torch-reference": timed(lambda: ref.compaction_order(
-            text | ref.topk_mask(scores, candidates, k), torch.arange(length, device="cuda").expand(batch, -1),
-            length - n_visual + keep)),
-    }
+    head_rel = torch.rand(batch, 32, length, device="cuda")
+    valid, visual, rater = layout_inputs(batch, length, n_visual)
+    counts = torch.tensor([[keep], [(n_visual - keep) * 3 // 10 + 1]], device="cuda").expand(2, batch)
+    width = length - n_visual + keep
+    return {"no-recycling": both("select_step", head_rel, valid, visual, rater, counts[0], counts[1], None, 0, width),
+            "recycling": both("select_step", head_rel, valid, visual, rater, counts[0], counts[1], None,
+                              int(counts[1, 0]), None)}
 
 
 def bench_recycle(batch, length, n_cand):
@@ -126,37 +131,33 @@ def bench_recycle(batch, length, n_cand):
     n = torch.full((batch,), n_cand, device="cuda")
     clusters = n_cand // 10 + 1
     c = torch.full((batch,), clusters, device="cuda")
-
-    def reference():
-        for b in range(batch):
-            x = hidden[b, cand_idx[b]]
-            _, assign = ref.dpc_knn(x, clusters)
-            ref.merge_clusters(x, assign, clusters)
-
-    return {"triton": timed(lambda: recycle(hidden, cand_idx, n, c, clusters)),
-            "torch-reference": timed(reference, warmup=5, rep=20)}
+    alive = torch.ones(batch, length, dtype=torch.bool, device="cuda")
+    alive[:, :length // 2] = False
+    return both("recycle", hidden, cand_idx, n, c, clusters, alive, length, reference_timing=dict(warmup=5, rep=20))
 
 
 def bench_compact(batch, length, width):
     hidden = torch.randn(batch, length, HIDDEN, device="cuda", dtype=torch.bfloat16)
     alive = torch.zeros(batch, length, dtype=torch.bool, device="cuda")
     alive[:, length - width:] = True
-    meta = torch.arange(length, device="cuda").expand(5, batch, -1).contiguous()
+    valid, visual, rater = layout_inputs(batch, length, length - width)
+    slots = torch.arange(length, device="cuda").expand(batch, -1).contiguous()
     cos = torch.randn(1, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16).expand(batch, -1, -1)
     sin = cos.clone()
-    pid = torch.arange(length, device="cuda").expand(batch, -1)
+    order = TRITON.select_step(torch.rand(batch, 1, length, device="cuda"), alive, ~alive, rater,
+                               torch.zeros(batch, dtype=torch.long, device="cuda"), torch.zeros(batch, device="cuda",
+                               dtype=torch.long), None, 0, width).order
+    return both("compact", order, hidden, slots, slots, alive, visual, rater, cos, sin, slots, mask="bool")
 
-    def reference():
-        order = ref.compaction_order(alive, meta[1], width)
-        src = meta[0].gather(1, order)
-        hidden.gather(1, order[..., None].expand(-1, -1, HIDDEN))
-        meta.gather(2, order.expand(5, -1, -1))
-        for t in (cos, sin):
-            t.gather(1, src[..., None].expand(-1, -1, HEAD_DIM))
-        pid.gather(1, src)
 
-    return {"triton": timed(lambda: compact(compaction_order(alive, width), hidden, meta, cos, sin, pid)),
-            "torch-reference": timed(reference)}
+def bench_queries(batch, length, n_raters):
+    """The rater queries: gather, RMSNorm, q_proj and RoPE of the raters (LLaVA-1.5-7B widths)."""
+    hidden = torch.randn(batch, length, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    valid, _, rater = layout_inputs(batch, length, length - 35 - n_raters)
+    weight = torch.randn(HIDDEN, HIDDEN, device="cuda", dtype=torch.bfloat16) * HIDDEN ** -0.5
+    norm = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
+    cos = torch.randn(1, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16).expand(batch, -1, -1)
+    return both("rater_queries", hidden, rater, valid, n_raters, norm, 1e-5, weight, None, cos, cos)
 
 
 def bench_raters(batch, n_visual, n_text):
@@ -164,8 +165,7 @@ def bench_raters(batch, n_visual, n_text):
     text = torch.randn(batch, n_text, HIDDEN, device="cuda", dtype=torch.bfloat16)
     v_ok = torch.ones(batch, n_visual, dtype=torch.bool, device="cuda")
     t_ok = torch.ones(batch, n_text, dtype=torch.bool, device="cuda")
-    return {"triton": timed(lambda: select_raters(visual, text, v_ok, t_ok)),
-            "torch-reference": timed(lambda: ref.select_raters(visual, text, v_ok, t_ok))}
+    return both("select_raters", visual, text, v_ok, t_ok)
 
 
 # ----------------------------------------------------------------------------- whole prune step
@@ -284,13 +284,15 @@ def main(argv=None):
     results = {"gpu": gpu, "date": date.today().isoformat(), "torch": torch.__version__,
                "triton": triton.__version__, "transformers": transformers.__version__,
                "python": platform.python_version(), "batches": list(batches),
-               "scoring": {}, "select": {}, "recycle": {}, "compact": {}, "raters": {}}
+               "queries": {}, "scoring": {}, "select": {}, "recycle": {}, "compact": {}, "raters": {}}
     for name, (length, n_visual, n_raters) in SHAPES.items():
         for batch in batches:
             key = f"{name}/B{batch}"
             print(f"== {key}", flush=True)
+            results["queries"][key] = bench_queries(batch, length, n_raters)
             results["scoring"][key] = bench_scoring(batch, length, n_visual, n_raters)
-            results["select"][key] = bench_select(batch, length, n_visual, n_visual // 2)
+            for kind, rows in bench_select(batch, length, n_visual, n_visual // 2).items():
+                results["select"][f"{key}/{kind}"] = rows
             results["recycle"][key] = bench_recycle(batch, length, (n_visual // 2) * 3 // 10 + 1)
             results["compact"][key] = bench_compact(batch, length, length - n_visual // 2)
             results["raters"][key] = bench_raters(batch, n_visual, length - n_visual)
@@ -310,8 +312,8 @@ def print_table(results):
     print(f"\n{results['gpu']}  torch {results['torch']}  triton {results['triton']}")
     print(f"{'op':8} {'case':22} {'triton ms':>10} {'torch ms':>10} {'authors ms':>11} {'speedup vs authors':>19}"
           f" {'peak MiB triton/authors':>24}")
-    for op in ("scoring", "select", "recycle", "compact", "raters"):
-        for key, rows in results[op].items():
+    for op in ("queries", "scoring", "select", "recycle", "compact", "raters"):
+        for key, rows in results.get(op, {}).items():
             t, r, a = rows["triton"], rows["torch-reference"], rows.get("authors")
             line = f"{op:8} {key:22} {t['median_ms']:10.4f} {r['median_ms']:10.4f}"
             if a:

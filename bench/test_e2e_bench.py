@@ -352,25 +352,35 @@ def test_script_writes_every_figure_for_every_case(tmp_path):
         e2e_figures.case_id("llava-1.5-tiny", "sdpa", 1, "dense")]
 
 
-def _fake_results(device_type="cuda", ratio_b1=0.86, ratio_b8=0.89, throughput=2.1, kv_off=False, authors=(1.3, 0.9)):
+def _fake_results(device_type="cuda", good=True, kv_off=False):
+    """Measured-looking cases of LLaVA-1.5-7B: every target met (good) or every one missed."""
     import e2e_figures
 
     cases = {}
 
-    def add(batch, provider, preset=None, budget=None, **fig):
+    def add(attn, batch, provider, preset=None, budget=None, **fig):
         base = {"kv_cache_bytes": 10, "kv_expected_bytes": 11 if kv_off and provider != "dense" else 10,
                 "kv_tokens_per_layer": [5], "kv_expected_tokens_per_layer": [5], "flops": {"ratio_exact": 2.5},
                 "kv_ratio_vs_dense": 0.4, "kv_ratio_expected": 0.4, "speedup_vs_dense": 2.0,
                 "decoder_speedup_over_flops_ratio": 0.9}
-        cid = e2e_figures.case_id("llava-1.5-7b", "sdpa", batch, provider, preset, budget)
-        cases[cid] = {"shape": "llava-1.5-7b", "attn": "sdpa", "batch": batch, "provider": provider, "preset": preset,
+        cid = e2e_figures.case_id("llava-1.5-7b", attn, batch, provider, preset, budget)
+        cases[cid] = {"shape": "llava-1.5-7b", "attn": attn, "batch": batch, "provider": provider, "preset": preset,
                       "budget": budget, "figures": base | fig}
 
+    def pick(met, missed):
+        return met if good else missed
+
     for batch in (1, 8, 32):
-        add(batch, "dense")
-    add(1, "sparsevlm", "v1.5", 128, speedup_over_flops_ratio=ratio_b1, speedup_vs_authors=authors[0])
-    add(8, "sparsevlm", "v1.5", 128, speedup_over_flops_ratio=ratio_b8, speedup_vs_authors=authors[1])
-    add(32, "sparsevlm", "v1.5", 128, throughput_ratio_vs_dense=throughput)
+        add("sdpa", batch, "dense")
+    add("sdpa+compiled", 1, "dense")
+    memory = {"peak_mem_prefill_ratio_vs_dense": pick(0.97, 1.01), "peak_mem_generate_ratio_vs_dense": pick(1.0, 1.2)}
+    add("sdpa", 1, "sparsevlm", "v1.5", 128, speedup_vs_dense=pick(1.25, 1.1), speedup_vs_authors=pick(5.0, 0.9),
+        prune_step_share_of_dense=pick(0.015, 0.021), **memory)
+    add("sdpa", 8, "sparsevlm", "v1.5", 128, speedup_over_flops_ratio=pick(0.91, 0.89),
+        speedup_vs_authors=pick(3.2, 2.9), **memory)
+    add("sdpa", 32, "sparsevlm", "v1.5", 128, throughput_ratio_vs_dense=pick(2.1, 1.9),
+        decode_step_ratio_vs_dense=pick(0.7, 0.81))
+    add("sdpa+compiled", 1, "sparsevlm", "v1.5", 128, speedup_over_flops_ratio=pick(0.86, 0.84))
     return {"environment": {"device_type": device_type, "device": "fake"}, "cases": cases}
 
 
@@ -378,11 +388,18 @@ def test_targets_are_computed_from_the_figures():
     import e2e_targets
 
     lines = e2e_targets.evaluate_targets(_fake_results())
-    assert [t["status"] for t in lines] == ["PASS", "FAIL", "PASS", "PASS", "FAIL"]
-    assert "0.860" in lines[0]["detail"] and "0.890" in lines[1]["detail"]
-    assert "B8 sparsevlm v1.5 128" in lines[4]["detail"]
-    flipped = e2e_targets.evaluate_targets(_fake_results(ratio_b1=0.84, ratio_b8=0.91, throughput=1.9, kv_off=True,
-                                                         authors=(1.1, 1.2)))
-    assert [t["status"] for t in flipped] == ["FAIL", "PASS", "FAIL", "FAIL", "PASS"]
+    status = {(t["attn"], t["target"]): t["status"] for t in lines}
+    assert len(status) == len(lines) == 13
+    assert set(status.values()) == {"PASS"}, status
+    compiled = [t for t in lines if t["attn"] == "sdpa+compiled"]
+    assert len(compiled) == 1 and "0.860" in compiled[0]["detail"]
+    missed = e2e_targets.evaluate_targets(_fake_results(good=False, kv_off=True))
+    assert [t["status"] for t in missed] == ["FAIL"] * 13, [(t["target"], t["status"]) for t in missed]
+    slow = next(t for t in missed if t["target"].startswith("faster than the authors"))
+    assert "B1 sparsevlm v1.5 128" in slow["detail"]
     cpu = e2e_targets.evaluate_targets(_fake_results(device_type="cpu"))
-    assert [t["status"] for t in cpu] == ["not-measured"] * 5
+    assert [t["status"] for t in cpu] == ["not-measured"] * 13
+    without = _fake_results()
+    del without["cases"]["llava-1.5-7b/sdpa/B32/sparsevlm/v1.5/128"]
+    gone = {t["target"]: t for t in e2e_targets.evaluate_targets(without)}
+    assert gone["batch 32: decode time per token <= 0.8 x dense (budget 128)"]["status"] == "not-measured"

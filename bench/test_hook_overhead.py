@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import sparsevlm_engine as sve
-from e2e_inputs import make_inputs
+from e2e_inputs import decode_steps, make_inputs
 from e2e_models import build_model
 
 SHAPE = "llava-1.5-tiny"
@@ -65,20 +65,6 @@ def _prefill(model, inputs):
         return model(**inputs, use_cache=True)
 
 
-def _decode_steps(model, inputs, prefilled, steps: int) -> torch.Tensor:
-    """`steps` greedy decode steps continuing a prefill; returns the tokens [B, steps]."""
-    cache, mask = prefilled.past_key_values, inputs["attention_mask"]
-    token = prefilled.logits[:, -1].argmax(-1, keepdim=True)
-    tokens = []
-    with torch.no_grad():
-        for _ in range(steps):
-            mask = torch.cat([mask, torch.ones_like(token)], 1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(token)
-    return torch.cat(tokens, 1)
-
-
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_step_overhead(benchmark, dense, batch):
     inputs = make_inputs(dense, SHAPE, batch, seed=3)
@@ -87,7 +73,7 @@ def test_decode_step_overhead(benchmark, dense, batch):
     prefills = {name: [] for name in models}
 
     def decode(name, steps=STEPS):
-        return _decode_steps(models[name], inputs, prefills[name].pop(), steps)
+        return decode_steps(models[name], inputs, prefills[name].pop(), steps)
 
     rounds = 1 if benchmark.disabled else ROUNDS
     for name, model in models.items():  # each timed round decodes over a prefill of its own

@@ -1,9 +1,9 @@
-"""Compaction: the gather map of a new left-padded layout, and one gather that writes the new
-hidden states (recycled tokens in their centre's slot), the per-slot bookkeeping, the RoPE
-cos/sin rows and the position ids (1-D or 3-D).
+"""Compaction: the gather map of a new left-padded layout, and one launch that writes the whole new
+layout: hidden states (recycled tokens in their centre's slot), the per-slot bookkeeping, the RoPE
+cos/sin rows, the position ids (1-D or 3-D) and, optionally, the next layers' 4-D attention mask.
 
-    order = compaction_order(alive, width)                      # [B, W]
-    out = compact(order, hidden, meta, cos, sin, position_ids)  # all gathered along the slots
+    order = compaction_order(alive, width)                                       # [B, W]
+    out = compact(order, hidden, src, pos, alive, visual, rater, cos, sin, ...)  # one launch
 """
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_shape, next_pow2
+from ._launch import FLOAT_DTYPES, check_device, check_shape, next_pow2
 from .types import Compacted
 
 BLOCK_SLOTS = 1024
 BLOCK_W = 8
 
 
-@triton.jit(do_not_specialize=["L", "W"])
-def _order_kernel(alive_ptr, order_ptr, L, W, BLOCK: tl.constexpr):
-    """Row b: alive slots in slot order, right-aligned in W, after the last W - n_alive dead slots."""
-    b = tl.program_id(0).to(tl.int64)
+@triton.jit
+def write_order(alive_ptr, order_ptr, b, L, W, BLOCK: tl.constexpr):
+    """Row b of the gather map: alive slots (alive_ptr [B, L] int8) in slot order, right-aligned in
+    W, after the last W - n_alive dead slots; written to order_ptr [B, W] int64. A kernel that
+    writes alive_ptr itself must tl.debug_barrier() before calling this."""
     n_alive = tl.zeros([BLOCK], tl.int32)
     for l0 in range(0, L, BLOCK):
         offs = l0 + tl.arange(0, BLOCK)
@@ -41,59 +42,90 @@ def _order_kernel(alive_ptr, order_ptr, L, W, BLOCK: tl.constexpr):
         rank_alive = seen_alive + tl.cumsum(alive.to(tl.int32), 0) - 1
         rank_dead = seen_dead + tl.cumsum(dead.to(tl.int32), 0) - 1 - skip_dead
         target = tl.where(alive, pad + rank_alive, rank_dead)
-        write = (alive | (dead & (rank_dead >= 0))) & (target < W)
+        write = (alive | (dead & (rank_dead >= 0))) & (target >= 0) & (target < W)  # W too small: no stray write
         tl.store(order_ptr + b * W + target, offs.to(tl.int64), mask=write)
         alive_before += alive.to(tl.int32)
         dead_before += dead.to(tl.int32)
 
 
-@triton.jit(do_not_specialize=["L", "W", "L0"])
+@triton.jit(do_not_specialize=["L", "W"])
+def _order_kernel(alive_ptr, order_ptr, L, W, BLOCK: tl.constexpr):
+    write_order(alive_ptr, order_ptr, tl.program_id(0).to(tl.int64), L, W, BLOCK)
+
+
+@triton.jit(do_not_specialize=["L", "W", "L0", "C"])
 def _compact_kernel(
-    order_ptr, hidden_ptr, replace_ptr, merged_ptr, meta_ptr, cos_ptr, sin_ptr, pid_ptr,
-    out_hidden_ptr, out_meta_ptr, out_cos_ptr, out_sin_ptr, out_pid_ptr,
-    stride_hb, stride_hl, stride_mb, stride_mc, stride_cp, stride_cb, stride_cl, stride_sp, stride_sb, stride_sl, stride_pp, stride_pb, stride_pl,
-    B, L, W, D, L0, DR,
-    N_META: tl.constexpr, N_ROPE: tl.constexpr, N_PID: tl.constexpr, HAS_MERGED: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DR: tl.constexpr,
+    order_ptr, hidden_ptr, src_ptr, pos_ptr, alive_ptr, visual_ptr, rater_ptr, cos_ptr, sin_ptr, pid_ptr,
+    merged_ptr, replace_ptr,
+    out_hidden_ptr, out_src_ptr, out_pos_ptr, out_valid_ptr, out_visual_ptr, out_rater_ptr,
+    out_cos_ptr, out_sin_ptr, out_pid_ptr, out_mask_ptr,
+    s_ob, s_ow, s_hb, s_hl, s_hd, s_sb, s_sl, s_pb, s_pl, s_ab, s_al, s_vb, s_vl, s_rb, s_rl,
+    s_cp, s_cb, s_cl, s_cr, s_sp, s_sb2, s_sl2, s_sr, s_qp, s_qb, s_ql, s_mb, s_mc, s_md, s_xb, s_xl,
+    B, L, W, D, L0, DR, C, mask_fill,
+    N_ROPE: tl.constexpr, N_PID: tl.constexpr, HAS_MERGED: tl.constexpr, MASK_KIND: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Program (b, w-block): slots offs_w of the new layout gather slot order[b, w] of every input;
+    with MASK_KIND 1 (bool) / 2 (additive) it also writes mask rows offs_w, all W keys."""
     b = tl.program_id(0).to(tl.int64)
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     w_in = offs_w < W
-    src_slot = tl.load(order_ptr + b * W + offs_w, mask=w_in, other=0)
-    for m in tl.static_range(N_META):
-        value = tl.load(meta_ptr + (m * B + b) * L + src_slot, mask=w_in, other=0)
-        tl.store(out_meta_ptr + (m * B + b) * W + offs_w, value, mask=w_in)
-    # meta row 0 is the source index in the prompt as given: it picks RoPE rows and position ids
-    prompt_index = tl.load(meta_ptr + b * L + src_slot, mask=w_in, other=0)
+    slot = tl.load(order_ptr + b * s_ob + offs_w * s_ow, mask=w_in, other=0)
+    out_at = b * W + offs_w
+    prompt_index = tl.load(src_ptr + b * s_sb + slot * s_sl, mask=w_in, other=0)
+    tl.store(out_src_ptr + out_at, prompt_index, mask=w_in)
+    tl.store(out_pos_ptr + out_at, tl.load(pos_ptr + b * s_pb + slot * s_pl, mask=w_in, other=0), mask=w_in)
+    tl.store(out_valid_ptr + out_at, tl.load(alive_ptr + b * s_ab + slot * s_al, mask=w_in, other=0), mask=w_in)
+    tl.store(out_visual_ptr + out_at, tl.load(visual_ptr + b * s_vb + slot * s_vl, mask=w_in, other=0), mask=w_in)
+    tl.store(out_rater_ptr + out_at, tl.load(rater_ptr + b * s_rb + slot * s_rl, mask=w_in, other=0), mask=w_in)
+    # the source index in the prompt as given picks the RoPE rows and the position ids
     for p in tl.static_range(N_PID):
-        value = tl.load(pid_ptr + p * stride_pp + b * stride_pb + prompt_index * stride_pl, mask=w_in, other=0)
+        value = tl.load(pid_ptr + p * s_qp + b * s_qb + prompt_index * s_ql, mask=w_in, other=0)
         tl.store(out_pid_ptr + (p * B + b) * W + offs_w, value, mask=w_in)
     offs_r = tl.arange(0, BLOCK_DR)
     for p in tl.static_range(N_ROPE):
         for r0 in range(0, DR, BLOCK_DR):
             cols = r0 + offs_r
             mask = w_in[:, None] & (cols[None, :] < DR)
-            out_at = ((p * B + b) * W + offs_w[:, None]) * DR + cols[None, :]
-            cos_at = p * stride_cp + b * stride_cb + prompt_index[:, None] * stride_cl + cols[None, :]
-            sin_at = p * stride_sp + b * stride_sb + prompt_index[:, None] * stride_sl + cols[None, :]
-            tl.store(out_cos_ptr + out_at, tl.load(cos_ptr + cos_at, mask=mask), mask=mask)
-            tl.store(out_sin_ptr + out_at, tl.load(sin_ptr + sin_at, mask=mask), mask=mask)
+            at = ((p * B + b) * W + offs_w[:, None]) * DR + cols[None, :]
+            cos_at = p * s_cp + b * s_cb + prompt_index[:, None] * s_cl + cols[None, :] * s_cr
+            sin_at = p * s_sp + b * s_sb2 + prompt_index[:, None] * s_sl2 + cols[None, :] * s_sr
+            tl.store(out_cos_ptr + at, tl.load(cos_ptr + cos_at, mask=mask), mask=mask)
+            tl.store(out_sin_ptr + at, tl.load(sin_ptr + sin_at, mask=mask), mask=mask)
     if HAS_MERGED:
-        merged_row = tl.load(replace_ptr + b * L + src_slot, mask=w_in, other=-1)
+        merged_row = tl.load(replace_ptr + b * s_xb + slot * s_xl, mask=w_in, other=-1).to(tl.int64)
     else:
-        merged_row = tl.full([BLOCK_W], -1, tl.int32)
-    from_merged = merged_row >= 0
+        merged_row = tl.full([BLOCK_W], -1, tl.int64)
+    from_merged = (merged_row >= 0) & (merged_row < C)
     offs_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         mask = w_in[:, None] & (cols[None, :] < D)
-        x = tl.load(hidden_ptr + b * stride_hb + src_slot[:, None] * stride_hl + cols[None, :],
+        x = tl.load(hidden_ptr + b * s_hb + slot[:, None] * s_hl + cols[None, :] * s_hd,
                     mask=mask & ~from_merged[:, None])
         if HAS_MERGED:
-            y = tl.load(merged_ptr + b * stride_mb + merged_row[:, None].to(tl.int64) * stride_mc + cols[None, :],
+            y = tl.load(merged_ptr + b * s_mb + merged_row[:, None] * s_mc + cols[None, :] * s_md,
                         mask=mask & from_merged[:, None])
             x = tl.where(from_merged[:, None], y, x)
-        tl.store(out_hidden_ptr + (b * W + offs_w[:, None]) * D + cols[None, :], x, mask=mask)
+        tl.store(out_hidden_ptr + out_at[:, None] * D + cols[None, :], x, mask=mask)
+    if MASK_KIND != 0:
+        # allowed[i, j] = (valid[j] and j <= i) or i == j, valid[j] = alive[b, order[b, j]]
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, W, BLOCK_K):
+            keys = k0 + offs_k
+            k_in = keys < W
+            key_slot = tl.load(order_ptr + b * s_ob + keys * s_ow, mask=k_in, other=0)
+            key_valid = tl.load(alive_ptr + b * s_ab + key_slot * s_al, mask=k_in, other=0) != 0
+            allowed = (key_valid[None, :] & (keys[None, :] <= offs_w[:, None])) | (keys[None, :] == offs_w[:, None])
+            at = out_at[:, None] * W + keys[None, :]
+            mask = w_in[:, None] & k_in[None, :]
+            if MASK_KIND == 1:
+                tl.store(out_mask_ptr + at, allowed.to(tl.int8), mask=mask)
+            else:
+                fill = tl.where(allowed, 0.0, mask_fill)
+                tl.store(out_mask_ptr + at, fill.to(out_mask_ptr.dtype.element_ty), mask=mask)
+
+
 
 
 def compaction_order(alive: torch.Tensor, width: int) -> torch.Tensor:
@@ -124,15 +156,29 @@ def _as_planes(t: torch.Tensor, batch: int, name: str, trailing: int) -> torch.T
     return t
 
 
-def compact(order: torch.Tensor, hidden: torch.Tensor, meta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            position_ids: torch.Tensor | None = None, merged: torch.Tensor | None = None,
-            merged_slot: torch.Tensor | None = None) -> Compacted:
-    """One gather along the slots into the layout `order` [B, W] describes.
+def _check_slots(batch: int, length: int, dtype: torch.dtype, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        check_shape("compact", name, t, (batch, length))
+        if t.dtype != dtype:
+            raise ValueError(f"compact: {name} must be {str(dtype).replace('torch.', '')}, got {t.dtype}")
 
-    hidden: [B, L, d]; meta: [M, B, L] int64 per-slot bookkeeping whose row 0 is each slot's
-    index in the prompt as given, which picks the rows of cos / sin ([B, L0, Dr] or
-    [P, B, L0, Dr], batch stride 0 allowed) and position_ids ([B, L0] or [P, B, L0]).
-    merged: [B, C, d] recycled tokens and merged_slot: [B, C] the slot each replaces (-1: none).
+
+MASK_KINDS = {None: 0, "bool": 1, "additive": 2}
+
+
+def compact(order: torch.Tensor, hidden: torch.Tensor, src: torch.Tensor, pos: torch.Tensor, alive: torch.Tensor,
+            visual: torch.Tensor, rater: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            position_ids: torch.Tensor | None = None, merged: torch.Tensor | None = None,
+            replace: torch.Tensor | None = None, mask: str | None = None,
+            mask_dtype: torch.dtype | None = None) -> Compacted:
+    """One launch that gathers every input along the slots into the layout `order` [B, W] describes.
+
+    hidden: [B, L, d]; src, pos: [B, L] int64 (index in the prompt as given, position); alive,
+    visual, rater: [B, L] bool. src picks the rows of cos / sin ([B, L0, Dr] or [P, B, L0, Dr],
+    batch stride 0 allowed) and of position_ids ([B, L0] or [P, B, L0]). merged: [B, C, d]
+    recycled tokens; replace: [B, L] int32 (or int64) the merged row that replaces each slot's
+    hidden state, -1 for none. mask "bool" / "additive" (in mask_dtype) also writes the causal
+    mask [B, 1, W, W] of the new validity (masks.prefill_mask's rule). Any strides; no copies.
     """
     if order.dim() != 2 or order.dtype != torch.int64:
         raise ValueError(f"compact: order must be [B, W] int64, got {order.dtype} {list(order.shape)}")
@@ -140,63 +186,73 @@ def compact(order: torch.Tensor, hidden: torch.Tensor, meta: torch.Tensor, cos: 
     if hidden.dim() != 3 or hidden.shape[0] != batch:
         raise ValueError(f"compact: hidden has shape {list(hidden.shape)}, expected [B={batch}, L, d]")
     length, dim = hidden.shape[1], hidden.shape[2]
-    check_shape("compact", "meta", meta, (None, batch, length))
-    if meta.dtype != torch.int64:
-        raise ValueError(f"compact: meta must be int64, got {meta.dtype}")
+    _check_slots(batch, length, torch.int64, src=src, pos=pos)
+    _check_slots(batch, length, torch.bool, alive=alive, visual=visual, rater=rater)
     cos4, sin4 = _as_planes(cos, batch, "cos", 1), _as_planes(sin, batch, "sin", 1)
     if cos4.shape != sin4.shape or cos4.dtype != sin4.dtype:
         raise ValueError(f"compact: cos {cos.dtype} {list(cos.shape)} and sin {sin.dtype} {list(sin.shape)} must match")
-    tensors = dict(order=order, hidden=hidden, meta=meta, cos=cos)
-    pid3 = None
+    n_rope, _, length0, rope_dim = cos4.shape
+    tensors = dict(order=order, hidden=hidden, src=src, pos=pos, alive=alive, visual=visual, rater=rater, cos=cos,
+                   sin=sin)
     if position_ids is not None:
         pid3 = _as_planes(position_ids, batch, "position_ids", 0)
+        if pid3.shape[2] != length0 or pid3.is_floating_point() or pid3.dtype == torch.bool:
+            raise ValueError(f"compact: position_ids must be integer [.., B={batch}, L0={length0}] like cos, "
+                             f"got {position_ids.dtype} {list(position_ids.shape)}")
         tensors["position_ids"] = position_ids
+    if (merged is None) != (replace is None):
+        raise ValueError("compact: merged and replace must be given together")
     has_merged = merged is not None
     if has_merged:
         check_shape("compact", "merged", merged, (batch, None, dim))
-        check_shape("compact", "merged_slot", merged_slot, (batch, merged.shape[1]))
+        check_shape("compact", "replace", replace, (batch, length))
         if merged.dtype != hidden.dtype:
             raise ValueError(f"compact: merged is {merged.dtype} but hidden is {hidden.dtype}")
-        tensors.update(merged=merged, merged_slot=merged_slot)
+        if replace.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"compact: replace must be int32 (or int64), got {replace.dtype}")
+        tensors.update(merged=merged, replace=replace)
+    if mask not in MASK_KINDS:
+        raise ValueError(f"compact: mask must be None, 'bool' or 'additive', got {mask!r}")
+    if mask == "additive" and mask_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"compact: mask_dtype of an additive mask must be fp32, fp16 or bf16, got {mask_dtype}")
     device = check_device("compact", **tensors)
 
-    if hidden.stride(-1) != 1:
-        hidden = hidden.contiguous()
-    cos4 = cos4 if cos4.stride(-1) == 1 else cos4.contiguous()
-    sin4 = sin4 if sin4.stride(-1) == 1 else sin4.contiguous()
-    n_rope, _, length0, rope_dim = cos4.shape
-    out_hidden = torch.empty(batch, width, dim, dtype=hidden.dtype, device=device)
-    out_meta = torch.empty(meta.shape[0], batch, width, dtype=torch.int64, device=device)
-    out_cos = torch.empty(n_rope, batch, width, rope_dim, dtype=cos4.dtype, device=device)
-    out_sin = torch.empty_like(out_cos)
-    if pid3 is not None:
-        out_pid = torch.empty(pid3.shape[0], batch, width, dtype=pid3.dtype, device=device)
-        pid_strides = pid3.stride()
+    def new(*shape, dtype):
+        return torch.empty(*shape, dtype=dtype, device=device)
+
+    out_hidden = new(batch, width, dim, dtype=hidden.dtype)
+    out_src, out_pos = new(batch, width, dtype=torch.int64), new(batch, width, dtype=torch.int64)
+    out_valid, out_visual, out_rater = (new(batch, width, dtype=torch.bool) for _ in range(3))
+    out_cos = new(n_rope, batch, width, rope_dim, dtype=cos4.dtype)
+    out_sin = new(n_rope, batch, width, rope_dim, dtype=cos4.dtype)
+    if position_ids is not None:
+        out_pid, pid_strides, n_pid = new(pid3.shape[0], batch, width, dtype=pid3.dtype), pid3.stride(), pid3.shape[0]
     else:
-        pid3 = out_pid = torch.empty(1, dtype=torch.int64, device=device)
-        pid_strides = (0, 0, 0)
-    if has_merged:
-        merged = merged.contiguous()
-        replace = torch.full((batch, length + 1), -1, dtype=torch.int32, device=device)
-        rows = torch.arange(merged.shape[1], dtype=torch.int32, device=device).expand(batch, -1)
-        replace.scatter_(1, torch.where(merged_slot >= 0, merged_slot, length).long(), rows)
-        replace = replace[:, :length].contiguous()
-    else:
-        merged = replace = hidden
-    if out_hidden.numel() or out_meta.numel():
-        grid = (batch, triton.cdiv(width, BLOCK_W))
-        _compact_kernel[grid](
-            order.contiguous(), hidden, replace, merged, meta.contiguous(), cos4, sin4, pid3,
-            out_hidden, out_meta, out_cos, out_sin, out_pid,
-            hidden.stride(0), hidden.stride(1), merged.stride(0), merged.stride(1) if has_merged else 0,
-            *cos4.stride()[:3], *sin4.stride()[:3], *pid_strides,
-            batch, length, width, dim, length0, rope_dim,
-            N_META=meta.shape[0], N_ROPE=n_rope, N_PID=0 if position_ids is None else pid3.shape[0],
-            HAS_MERGED=has_merged, BLOCK_W=BLOCK_W, BLOCK_D=min(512, max(16, next_pow2(dim))),
-            BLOCK_DR=min(256, max(16, next_pow2(rope_dim))))
+        pid3, out_pid, pid_strides, n_pid = src, out_src, (0, 0, 0), 0
+    out_mask = mask_arg = None
+    if mask is not None:
+        out_mask = new(batch, 1, width, width, dtype=torch.bool if mask == "bool" else mask_dtype)
+        mask_arg = out_mask.view(torch.int8) if mask == "bool" else out_mask
+    if not has_merged:
+        merged, replace = hidden, src
+    if batch * width:
+        int8 = torch.int8
+        _compact_kernel[(batch, triton.cdiv(width, BLOCK_W))](
+            order, hidden, src, pos, alive.view(int8), visual.view(int8), rater.view(int8), cos4, sin4, pid3,
+            merged, replace,
+            out_hidden, out_src, out_pos, out_valid.view(int8), out_visual.view(int8), out_rater.view(int8),
+            out_cos, out_sin, out_pid, out_src if mask_arg is None else mask_arg,
+            *order.stride(), *hidden.stride(), *src.stride(), *pos.stride(), *alive.stride(), *visual.stride(),
+            *rater.stride(), *cos4.stride(), *sin4.stride(), *pid_strides,
+            *(merged.stride() if has_merged else (0, 0, 0)), *(replace.stride() if has_merged else (0, 0)),
+            batch, length, width, dim, length0, rope_dim, merged.shape[1] if has_merged else 0,
+            torch.finfo(mask_dtype).min if mask == "additive" else 0.0,
+            N_ROPE=n_rope, N_PID=n_pid, HAS_MERGED=has_merged, MASK_KIND=MASK_KINDS[mask],
+            BLOCK_W=BLOCK_W, BLOCK_D=min(512, max(16, next_pow2(dim))),
+            BLOCK_DR=min(256, max(16, next_pow2(rope_dim))), BLOCK_K=min(256, max(16, next_pow2(width))))
     squeeze_rope = cos.dim() == 3
     squeeze_pid = position_ids is not None and position_ids.dim() == 2
     return Compacted(
-        hidden=out_hidden, meta=out_meta,
+        hidden=out_hidden, src=out_src, pos=out_pos, valid=out_valid, visual=out_visual, rater=out_rater,
         cos=out_cos[0] if squeeze_rope else out_cos, sin=out_sin[0] if squeeze_rope else out_sin,
-        position_ids=None if position_ids is None else (out_pid[0] if squeeze_pid else out_pid))
+        position_ids=None if position_ids is None else (out_pid[0] if squeeze_pid else out_pid), mask=out_mask)

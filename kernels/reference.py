@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from .types import Selected
+
 
 def select_raters(visual: torch.Tensor, text: torch.Tensor, visual_valid: torch.Tensor,
                   text_valid: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,7 @@ def rater_attention(q: torch.Tensor, k: torch.Tensor, key_visible: torch.Tensor,
     return torch.where(keep, probs, torch.zeros((), dtype=probs.dtype))
 
 
-def head_relevance(a: torch.Tensor, rater_valid: torch.Tensor) -> torch.Tensor:
+def mean_over_raters(a: torch.Tensor, rater_valid: torch.Tensor) -> torch.Tensor:
     """rel[b, h, l] = mean over valid raters of a[b, h, r, l].
 
     a: [B, H, R, L] from rater_attention; rater_valid: [B, R] bool. Returns [B, H, L] fp32.
@@ -145,7 +147,7 @@ def head_weights(head_rel: torch.Tensor, n_priority: int | None) -> torch.Tensor
     """Weights [B, H] that average heads: uniform, or uniform over the n_priority heads with
     the largest summed rater-to-visual attention (ties to the lower head index).
 
-    head_rel: [B, H, L] from head_relevance (its sum over l ranks the heads as the summed
+    head_rel: [B, H, L] from mean_over_raters (its sum over l ranks the heads as the summed
     attention does: the two differ by the rater count, one factor per row).
     """
     batch, heads = head_rel.shape[:2]
@@ -162,7 +164,7 @@ def relevance(head_rel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhl,bh->bl", head_rel, weights)
 
 
-def rater_rows(a: torch.Tensor, rater_valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_rows(a: torch.Tensor, rater_valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The head-averaged rater rows P[b, r, l] = sum_h weights[b, h] a[b, h, r, l] [B, R, L]
     (a is zero off visual keys); padded rater rows are zero."""
     return torch.einsum("bhrl,bh->brl", a, weights) * rater_valid[:, :, None]
@@ -248,3 +250,78 @@ def compaction_order(alive: torch.Tensor, position: torch.Tensor, width: int | N
     if width is None:
         width = int(alive.sum(-1).max().item()) if alive.numel() else 0
     return order[:, order.shape[1] - width:]
+
+
+# ----------------------------------------------------------------------------- the kernels' ops
+# Each takes exactly its kernel launcher's arguments (kernels/relevance.py, select.py) and
+# returns the same outputs; TorchOps (sparsevlm_engine/backends.py) is a table of them.
+
+def gravity_divisor(gravity, rater_slot: torch.Tensor) -> torch.Tensor | None:
+    """The gravity divisor [B, R, L] from the kernels' gravity argument (table, positions [S, B, LP]
+    or [B, LP], index [B, L] or None) and the rater slots [B, R]; None without gravity."""
+    if gravity is None:
+        return None
+    table, positions, index = gravity
+    if positions.dim() == 2:
+        positions = positions[None]
+    if index is not None:
+        positions = positions.gather(2, index[None].expand(positions.shape[0], -1, -1))
+    key_pos = positions
+    rater_pos = key_pos.gather(2, rater_slot.clamp(min=0)[None].expand(key_pos.shape[0], -1, -1))
+    return gravity_lookup(table, rater_pos, key_pos)
+
+
+def rater_probs(q, k, rater_slot, rater_valid, key_valid, visual, scaling, lse=None, gravity=None) -> torch.Tensor:
+    """a [B, H, R, L] (rater_attention) from the kernels' arguments; lse [B, H, R] replaces the
+    rows' own log-sum-exp when given."""
+    slots = torch.arange(k.shape[2], device=k.device)
+    visible = key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None]) & rater_valid[:, :, None]
+    visible &= rater_slot[:, :, None] >= 0
+    divisor = gravity_divisor(gravity, rater_slot)
+    if lse is None:
+        return rater_attention(q, k, visible, visual, scaling, divisor)
+    heads = q.shape[1]
+    kf = k.float().repeat_interleave(heads // k.shape[1], dim=1)
+    logits = torch.einsum("bhrd,bhld->bhrl", q.float(), kf) * scaling
+    probs = torch.exp(logits - lse[..., None].float())
+    if divisor is not None:
+        probs = probs / divisor[:, None].float()
+    keep = visible[:, None] & visual[:, None, None, :]
+    return torch.where(keep, probs, torch.zeros((), dtype=probs.dtype))
+
+
+def rater_lse(q, k, rater_slot, rater_valid, key_valid, scaling) -> torch.Tensor:
+    """Natural-log log-sum-exp [B, H, R] of each rater's attention row over the keys it sees."""
+    heads = q.shape[1]
+    kf = k.float().repeat_interleave(heads // k.shape[1], dim=1)
+    logits = torch.einsum("bhrd,bhld->bhrl", q.float(), kf) * scaling
+    slots = torch.arange(k.shape[2], device=k.device)
+    visible = key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None]) & rater_valid[:, :, None]
+    return torch.logsumexp(logits.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+
+
+def head_relevance(q, k, rater_slot, rater_valid, key_valid, visual, scaling, lse=None, gravity=None):
+    """Per-head relevance [B, H, L] fp32 (relevance.head_relevance)."""
+    valid_raters = rater_valid & (rater_slot >= 0)
+    return mean_over_raters(rater_probs(q, k, rater_slot, rater_valid, key_valid, visual, scaling, lse, gravity),
+                            valid_raters)
+
+
+def rater_rows(q, k, rater_slot, rater_valid, key_valid, visual, scaling, weights, lse=None, gravity=None):
+    """The head-averaged rater rows P [B, R, L] fp32 (relevance.rater_rows)."""
+    a = rater_probs(q, k, rater_slot, rater_valid, key_valid, visual, scaling, lse, gravity)
+    return weighted_rows(a, rater_valid & (rater_slot >= 0), weights)
+
+
+def select_step(head_rel, valid, visual, rater, keep, n_cand, n_priority, max_cand, width):
+    """A pruning layer's selection (select.select_step): Selected(rel, kept, alive, cand_idx, order)."""
+    rel = relevance(head_rel, head_weights(head_rel, n_priority))
+    visual_keys = visual & valid
+    kept = topk_mask(rel.masked_fill(rater & visual_keys, float("inf")), visual_keys, keep)
+    alive = (valid & ~visual) | kept
+    cand_idx = order = None
+    if max_cand > 0:
+        cand_idx = packed_slots(topk_mask(rel, visual_keys & ~kept, n_cand), max_cand)
+    if width is not None:
+        order = compaction_order(alive, torch.arange(alive.shape[1], device=alive.device).expand_as(alive), width)
+    return Selected(rel, kept, alive, cand_idx, order)

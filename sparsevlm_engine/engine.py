@@ -13,9 +13,8 @@ a prefill's decode state on its cache (see state.py).
 - a pre-hook on layer 0 picks the raters;
 - a pre-hook on every later layer swaps in the mask, RoPE rows and position ids of the
   compacted layout it runs on (prefill) or its stage's decode mask (decode);
-- a second pre-hook on each pruning layer keeps its attention input (the layer's
-  input_layernorm of the layer input), and a hook on the layer's output scores, selects,
-  recycles and compacts.
+- a second pre-hook on each pruning layer keeps a reference to its input and RoPE rows (no
+  device work), and a hook on the layer's output scores, selects, recycles and compacts.
 
 No hook runs inside a layer's forward, so that a compiled forward (compiled.py) holds the
 layer's own computation only.
@@ -31,9 +30,10 @@ from torch import nn
 
 from .accounting import DecoderDims
 from .config import SparseVLMConfig
-from .families import Family, UnsupportedModelError, rope_rows, rotary_functions
-from .masks import decode_mask, prefill_mask
-from .pruning import Pruner, Rope, ScoringInputs, Stage
+from .families import Family, UnsupportedModelError, rotary_functions
+from .layout import Rope, ScoringInputs
+from .masks import decode_mask
+from .pruning import Pruner
 from .schedule import default_pruning_layers
 from .state import (DecodeStep, Phase, PrefillRequest, PrunedCache, begin_call, current_call, end_call,
                     pruned_record, set_pruned_record)
@@ -330,14 +330,15 @@ class SparseEngine:
         state.cache = kwargs.get("past_key_values")
 
     def _keep_attention_input(self, module, args, kwargs):
-        """What the pruning layer's attention will see: its input_layernorm of the layer input,
-        and the RoPE rows and cache the layer runs with (after _before_layer swapped them)."""
+        """What the pruning layer's attention will see: the layer input (its input_layernorm is
+        applied to the rater rows only, in the scoring), and the RoPE rows and cache the layer
+        runs with (after _before_layer swapped them)."""
         state = current_call(self)
         if state is None or state.phase is not Phase.PREFILL:
             return None
-        x = module.input_layernorm(_hidden(args, kwargs))
-        cos, sin = (_batched(rope_rows(t, self.sections), x.shape[0]) for t in kwargs["position_embeddings"])
-        state.prefill.scoring = ScoringInputs(x=x, cos=cos, sin=sin, keys=None)
+        hidden = _hidden(args, kwargs)
+        cos, sin = (_batched(t, hidden.shape[0]) for t in kwargs["position_embeddings"])
+        state.prefill.scoring = ScoringInputs(hidden=hidden, cos=cos, sin=sin)
         if kwargs.get("past_key_values") is not None:
             state.cache = kwargs["past_key_values"]
         return None
@@ -352,16 +353,13 @@ class SparseEngine:
         scoring, prefill.scoring = prefill.scoring, None
         scoring.keys = _layer_keys(state.cache, index, hidden.shape[1])
         if self.observers:
-            queries = functools.partial(self.pruner.queries, scoring, module.self_attn, self.rotary)
+            queries = functools.partial(self.pruner.queries, scoring, module, self.rotary)
             self._notify("before_prune", index, prefill.ops, queries)
-        result = self.pruner.prune(prefill, stage_index, index, hidden, scoring, module.self_attn, self.rotary)
+        result = self.pruner.prune(prefill, stage_index, index, hidden, scoring, module, self.rotary, self.impl)
         self._notify("after_prune", index)
         prefill.steps.append(result.record)
         prefill.counts = result.counts
-        prefill.stages.append(Stage(first_layer=index + 1, layout=result.layout,
-                                    mask=prefill_mask(result.layout.valid, self.impl, hidden.dtype),
-                                    cos=result.rope.cos, sin=result.rope.sin,
-                                    position_ids=result.rope.position_ids))
+        prefill.stages.append(result.stage)
         if isinstance(output, tuple):
             return (result.hidden,) + tuple(output[1:])
         return result.hidden

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .pruning import Prefill
+from .layout import Prefill
 
 _PRUNED_ATTR = "_sparsevlm_pruned"
 _CALL: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("sparsevlm_call", default=None)

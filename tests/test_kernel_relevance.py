@@ -58,7 +58,7 @@ def test_head_relevance_matches_reference(poisoned, batch, heads, kv_heads, rate
     inputs = scoring_case(batch, heads, kv_heads, raters, length, head_dim, dtype)
     scaling = head_dim ** -0.5
     a = reference_rows(*inputs, scaling)
-    expected = ref.head_relevance(a, inputs[3])
+    expected = ref.mean_over_raters(a, inputs[3])
     got = head_relevance(*to_device(*inputs), scaling)
     torch.testing.assert_close(got.cpu(), expected, atol=FP32[0], rtol=FP32[1])
     assert (expected[~inputs[5][:, None, :].expand_as(expected)] == 0).all()
@@ -84,6 +84,38 @@ def test_head_relevance_accepts_a_given_lse(poisoned):
     torch.testing.assert_close(head_relevance(*dev, 0.25, lse=lse), head_relevance(*dev, 0.25), atol=0, rtol=0)
     # a wrong normaliser must change the result: the kernel really reads the given lse
     assert not torch.allclose(head_relevance(*dev, 0.25, lse=lse + 1.0), head_relevance(*dev, 0.25))
+    torch.testing.assert_close(lse.cpu(), ref.rater_lse(*inputs[:5], 0.25), atol=FP32[0], rtol=FP32[1])
+    for given in (lse, lse + 1.0):  # the reference takes the same argument, with the same meaning
+        torch.testing.assert_close(head_relevance(*dev, 0.25, lse=given).cpu(),
+                                   ref.head_relevance(*inputs, 0.25, lse=given.cpu()), atol=FP32[0], rtol=FP32[1])
+
+
+def test_head_relevance_is_one_launch_with_its_lse():
+    from op_counting import count_device_ops
+
+    dev = to_device(*scoring_case(2, 4, 2, 21, 70, 16, torch.float16, seed=2))
+    with count_device_ops() as ops:
+        head_relevance(*dev, 0.25)
+    assert dict(ops.launches) == {"_head_relevance_kernel": 1} and not ops.torch_ops, str(ops)
+
+
+def test_gravity_positions_by_source_index(poisoned):
+    """index [B, L] maps each slot of a compacted layout to its source in the prompt's positions
+    [S, B, L0] (mRoPE ids): the same as handing over the gathered positions."""
+    inputs = scoring_case(2, 4, 2, 5, 40, 16, torch.float32, seed=11)
+    gen = torch.Generator().manual_seed(11)
+    prompt_pos = torch.stack([torch.randint(0, n, (2, 64), generator=gen) for n in (5, 23, 19)])
+    src = torch.stack([torch.randperm(64, generator=gen)[:40].sort().values for _ in range(2)])
+    inv_freq = 1.0 / (30 ** (torch.arange(0, 16, 2).float() / 16))
+    table = ref.gravity_table(inv_freq, 16, 32, [2, 3, 3])
+    gathered = prompt_pos.gather(2, src[None].expand(3, -1, -1))
+    dev = to_device(*inputs)
+    by_index = head_relevance(*dev, 0.25, gravity=tuple(to_device(table, prompt_pos, src))).cpu()
+    direct = head_relevance(*dev, 0.25, gravity=(*to_device(table, gathered), None)).cpu()
+    torch.testing.assert_close(by_index, direct, atol=0, rtol=0)
+    torch.testing.assert_close(by_index, ref.head_relevance(*inputs, 0.25, gravity=(table, prompt_pos, src)),
+                               atol=FP32[0], rtol=FP32[1])
+    assert not torch.allclose(by_index, head_relevance(*dev, 0.25).cpu())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -94,9 +126,9 @@ def test_gravity_is_applied_from_the_relative_distance(poisoned, dtype):
     rater_pos = pos.gather(1, slot)
     delta = rater_pos[:, :, None] - pos[:, None, :]
     a = reference_rows(*inputs, 0.25, ref.rope_gravity(delta, inv_freq, 16))
-    expected = ref.head_relevance(a, r_ok)
+    expected = ref.mean_over_raters(a, r_ok)
     table = gravity_table(inv_freq.to(DEVICE), 16, 57)
-    got = head_relevance(*to_device(*inputs), 0.25, gravity=tuple(to_device(table, rater_pos, pos)))
+    got = head_relevance(*to_device(*inputs), 0.25, gravity=(table, *to_device(pos), None))
     torch.testing.assert_close(got.cpu(), expected, atol=FP32[0], rtol=FP32[1])
 
 
@@ -150,14 +182,14 @@ def test_head_relevance_with_mrope_gravity(poisoned, batch, heads, kv_heads, rat
     inputs = scoring_case(batch, heads, kv_heads, raters, length, head_dim, dtype, seed=6)
     scaling = head_dim ** -0.5
     inv_freq, rater_pos, pos, divisor, _ = mrope_gravity_case(inputs, head_dim, sections, seed=6)
-    expected = ref.head_relevance(reference_rows(*inputs, scaling, divisor), inputs[3])
-    assert not torch.allclose(expected, ref.head_relevance(reference_rows(*inputs, scaling), inputs[3]))
+    expected = ref.mean_over_raters(reference_rows(*inputs, scaling, divisor), inputs[3])
+    assert not torch.allclose(expected, ref.mean_over_raters(reference_rows(*inputs, scaling), inputs[3]))
     table = gravity_table(inv_freq.to(DEVICE), head_dim, 32, sections)
-    got = head_relevance(*to_device(*inputs), scaling, gravity=tuple(to_device(table, rater_pos, pos))).cpu()
+    got = head_relevance(*to_device(*inputs), scaling, gravity=(table, *to_device(pos), None)).cpu()
     torch.testing.assert_close(got, expected, atol=FP32[0], rtol=FP32[1])
     short = table[:, :12]
-    clamped = head_relevance(*to_device(*inputs), scaling, gravity=tuple(to_device(short, rater_pos, pos))).cpu()
-    torch_ops = TorchOps().head_relevance(*inputs, scaling, gravity=(short.cpu(), rater_pos, pos))
+    clamped = head_relevance(*to_device(*inputs), scaling, gravity=(short, *to_device(pos), None)).cpu()
+    torch_ops = TorchOps().head_relevance(*inputs, scaling, gravity=(short.cpu(), pos, None))
     torch.testing.assert_close(clamped, torch_ops, atol=FP32[0], rtol=FP32[1])
     assert not torch.allclose(clamped, got)
 
@@ -168,13 +200,13 @@ def test_rater_rows_with_mrope_gravity(poisoned, dtype):
     inv_freq, rater_pos, pos, divisor, seen = mrope_gravity_case(inputs, 24, [2, 5, 5], seed=7)
     assert (divisor[seen] < 0).any()
     a = reference_rows(*inputs, 0.2, divisor)
-    weights = ref.head_weights(ref.head_relevance(a, inputs[3]), 2)
-    expected = ref.rater_rows(a, inputs[3], weights)
+    weights = ref.head_weights(ref.mean_over_raters(a, inputs[3]), 2)
+    expected = ref.weighted_rows(a, inputs[3], weights)
     table = gravity_table(inv_freq.to(DEVICE), 24, 32, [2, 5, 5])
-    got = rater_rows(*to_device(*inputs), 0.2, weights.to(DEVICE), gravity=tuple(to_device(table, rater_pos, pos)))
+    got = rater_rows(*to_device(*inputs), 0.2, weights.to(DEVICE), gravity=(table, *to_device(pos), None))
     scale = expected.abs().max()
     torch.testing.assert_close(got.cpu() / scale, expected / scale, atol=FP32[0], rtol=FP32[1])
-    torch_ops = TorchOps().rater_rows(*inputs, 0.2, weights, gravity=(table.cpu(), rater_pos, pos))
+    torch_ops = TorchOps().rater_rows(*inputs, 0.2, weights, gravity=(table.cpu(), pos, None))
     torch.testing.assert_close(got.cpu() / scale, torch_ops / scale, atol=FP32[0], rtol=FP32[1])
 
 
@@ -189,12 +221,12 @@ def test_one_section_gravity_is_1d_rope(poisoned):
     dev = to_device(*inputs)
     w = torch.full((2, 4), 0.25, device=DEVICE)
     table = gravity_table(inv_freq.to(DEVICE), 16, 61)
-    flat = tuple(to_device(table, rater_pos, pos))
-    stacked = tuple(to_device(table, rater_pos[None], pos[None]))
+    flat = (table, *to_device(pos), None)
+    stacked = (table, *to_device(pos[None]), None)
     assert torch.equal(head_relevance(*dev, 0.25, gravity=flat), head_relevance(*dev, 0.25, gravity=stacked))
     assert torch.equal(rater_rows(*dev, 0.25, w, gravity=flat), rater_rows(*dev, 0.25, w, gravity=stacked))
     table3 = gravity_table(inv_freq.to(DEVICE), 16, 61, [2, 3, 3])
-    same = tuple(to_device(table3, rater_pos.expand(3, -1, -1), pos.expand(3, -1, -1)))
+    same = (table3, *to_device(pos.expand(3, -1, -1)), None)
     torch.testing.assert_close(head_relevance(*dev, 0.25, gravity=same), head_relevance(*dev, 0.25, gravity=flat),
                                atol=FP32[0], rtol=FP32[1])
     torch.testing.assert_close(rater_rows(*dev, 0.25, w, gravity=same), rater_rows(*dev, 0.25, w, gravity=flat),
@@ -211,15 +243,15 @@ def test_gravity_launchers_name_bad_sections_and_shapes():
     with pytest.raises(ValueError, match="sections"):
         TorchOps().gravity_table(inv_freq, 16, 20, [4, 4, 1])
     pos = torch.zeros(1, 20, dtype=torch.long, device=DEVICE)
-    rpos = torch.zeros(1, 3, dtype=torch.long, device=DEVICE)
     table3 = gravity_table(inv_freq, 16, 20, [2, 3, 3])
-    with pytest.raises(ValueError, match=r"rater_pos has shape \[1, 3\], expected \[3, 1, 3\]"):
-        head_relevance(*dev, 0.25, gravity=(table3, rpos, pos))
-    with pytest.raises(ValueError, match=r"key_pos has shape \[2, 1, 20\], expected \[3, 1, 20\]"):
-        rater_rows(*dev, 0.25, torch.ones(1, 4, device=DEVICE),
-                   gravity=(table3, rpos.expand(3, -1, -1), pos.expand(2, -1, -1)))
+    with pytest.raises(ValueError, match=r"positions has shape \[1, 20\], expected \[3, 1, \*\]"):
+        head_relevance(*dev, 0.25, gravity=(table3, pos, None))
+    with pytest.raises(ValueError, match=r"positions has shape \[3, 1, 12\], expected \[3, 1, 20\]"):
+        rater_rows(*dev, 0.25, torch.ones(1, 4, device=DEVICE), gravity=(table3, pos[:, :12].expand(3, -1, -1), None))
+    with pytest.raises(ValueError, match=r"index has shape \[1, 12\], expected \[1, 20\]"):
+        head_relevance(*dev, 0.25, gravity=(table3, pos.expand(3, -1, -1), pos[:, :12]))
     with pytest.raises(ValueError, match=r"\[S, T\]"):
-        head_relevance(*dev, 0.25, gravity=(table3[0], rpos, pos))
+        head_relevance(*dev, 0.25, gravity=(table3[0], pos, None))
 
 
 @pytest.mark.parametrize("priority", [False, True], ids=["uniform", "priority"])
@@ -227,9 +259,9 @@ def test_gravity_launchers_name_bad_sections_and_shapes():
 def test_rater_rows_match_reference(poisoned, dtype, priority):
     inputs = scoring_case(2, 4, 2, 21, 64, 16, dtype, seed=4)
     a = reference_rows(*inputs, 0.25)
-    head_rel = ref.head_relevance(a, inputs[3])
+    head_rel = ref.mean_over_raters(a, inputs[3])
     weights = ref.head_weights(head_rel, 2 if priority else None)
-    expected = ref.rater_rows(a, inputs[3], weights)
+    expected = ref.weighted_rows(a, inputs[3], weights)
     got = rater_rows(*to_device(*inputs), 0.25, weights.to(DEVICE)).cpu()
     assert (got[~inputs[3]] == 0).all() and (got * ~inputs[5][:, None, :] == 0).all()
     scale = expected.abs().max()
@@ -253,3 +285,31 @@ def test_launcher_names_bad_shapes():
         rater_lse(q.long(), k.long(), slot, r_ok, k_ok, 0.25)
     with pytest.raises(ValueError, match="must be bool"):
         head_relevance(q, k, slot, r_ok.int(), k_ok, visual, 0.25)
+
+
+@pytest.mark.cuda
+def test_head_relevance_takes_the_lse_of_torchs_varlen_flash_attention():
+    """The row log-sum-exp FlashAttention returns (torch.nn.attention.varlen, torch >= 2.10) is the
+    one head_relevance computes: handing it over gives the same relevance without recomputing it."""
+    import inspect
+
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    heads, length, head_dim, scaling = 4, 300, 64, 64 ** -0.5
+    _, k, slot, r_ok, k_ok, visual = (t.cuda() for t in scoring_case(1, heads, heads, 8, length, head_dim,
+                                                                       torch.bfloat16, seed=9))
+    k_ok.fill_(True)  # one unpadded sequence, as varlen_attn sees it
+    q_all = torch.randn(1, heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
+    q = q_all.gather(2, slot[:, None, :, None].expand(-1, heads, -1, head_dim))
+    cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
+    causal = {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen.varlen_attn).parameters \
+        else {"is_causal": True}
+    to_thd = lambda t: t[0].transpose(0, 1).contiguous()  # noqa: E731  [B=1, H, T, D] -> [T, H, D]
+    _, lse = varlen.varlen_attn(to_thd(q_all), to_thd(k), to_thd(k), cu, cu, length, length, scale=scaling,
+                                return_aux=varlen.AuxRequest(lse=True), **causal)
+    lse = lse if lse.shape[0] == heads else lse.transpose(0, 1)  # [H, T]
+    rater_lse = lse.float().gather(1, slot.expand(heads, -1))[None]  # [1, H, R]
+    torch.testing.assert_close(rater_lse, ref.rater_lse(q, k, slot, r_ok, k_ok, scaling), atol=2e-3, rtol=2e-3)
+    given = head_relevance(q, k, slot, r_ok, k_ok, visual, scaling, lse=rater_lse.contiguous())
+    own = head_relevance(q, k, slot, r_ok, k_ok, visual, scaling)
+    torch.testing.assert_close(given, own, atol=1e-4, rtol=2e-3)
+

@@ -1,10 +1,10 @@
-"""Top-k selection and compaction kernels against kernels/reference.py."""
+"""Top-k selection and the compaction order against kernels/reference.py (compact: test_kernel_compact.py)."""
 import pytest
 import torch
 
 from kernel_checks import DEVICE, DTYPES, dtype_id
 from sparsevlm_engine.kernels import reference as ref
-from sparsevlm_engine.kernels.compact import compact, compaction_order
+from sparsevlm_engine.kernels.compact import compaction_order
 from sparsevlm_engine.kernels.select import select_topk
 
 
@@ -83,69 +83,6 @@ def test_select_returns_the_gather_map_of_the_kept_layout(poisoned):
     assert torch.equal(got.order.cpu(), ref.compaction_order(alive, torch.arange(40).expand(2, 40), width))
 
 
-def compact_case(dtype, batch=3, length=45, dim=37, rope_dim=24, n_merged=4, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, length, dim, generator=gen).to(dtype)
-    alive = random_mask(batch, length, 0.5, seed=seed)
-    width = int(alive.sum(1).max())
-    order = ref.compaction_order(alive, torch.arange(length).expand(batch, length), width)
-    src = torch.stack([torch.randperm(length, generator=gen) for _ in range(batch)]) + 2
-    meta = torch.stack([src, torch.randint(0, 99, (batch, length), generator=gen), alive.long()])
-    cos = torch.randn(1, length + 2, rope_dim, generator=gen).expand(batch, -1, -1)
-    sin = torch.randn(batch, length + 2, rope_dim, generator=gen)
-    merged = torch.randn(batch, n_merged, dim, generator=gen).to(dtype)
-    dead = [torch.nonzero(~alive[b]).flatten() for b in range(batch)]
-    merged_slot = torch.stack([d[:n_merged] if len(d) >= n_merged else torch.full((n_merged,), -1) for d in dead])
-    merged_slot[0, -1] = -1
-    return hidden, order, meta, cos, sin, merged, merged_slot
-
-
-def gather_reference(hidden, order, meta, cos, sin, position_ids, merged, merged_slot):
-    pool = hidden.clone()
-    for b in range(hidden.shape[0]):
-        for c, slot in enumerate(merged_slot[b].tolist()):
-            if slot >= 0:
-                pool[b, slot] = merged[b, c]
-    src = meta[0].gather(1, order)
-    rows = src[..., None].expand(-1, -1, cos.shape[-1])
-    pid = None
-    if position_ids is not None:
-        pid = position_ids.gather(-1, src.expand_as(position_ids[..., :src.shape[1]]))
-    return (pool.gather(1, order[..., None].expand(-1, -1, hidden.shape[2])), meta.gather(2, order.expand_as(
-        meta[..., :order.shape[1]])), cos.gather(1, rows), sin.gather(1, rows), pid)
-
-
-@pytest.mark.parametrize("pid_planes", [0, 1, 3], ids=["no-pid", "pid-1d", "pid-3d"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_compact_gathers_everything_in_one_pass(poisoned, dtype, pid_planes):
-    hidden, order, meta, cos, sin, merged, merged_slot = compact_case(dtype)
-    length0 = cos.shape[1]
-    position_ids = None
-    if pid_planes:
-        position_ids = torch.arange(length0).expand(pid_planes, 3, length0) * torch.tensor([1, 10, 100][:pid_planes])[:, None, None]
-        position_ids = position_ids[0] if pid_planes == 1 else position_ids
-    got = compact(*[None if t is None else t.to(DEVICE) for t in (order, hidden, meta, cos, sin, position_ids, merged,
-                                                                    merged_slot)])
-    expected = gather_reference(hidden, order, meta, cos, sin, position_ids, merged, merged_slot)
-    assert torch.equal(got.hidden.cpu(), expected[0])  # a pure gather: bit-exact in every dtype
-    assert torch.equal(got.meta.cpu(), expected[1])
-    assert torch.equal(got.cos.cpu(), expected[2]) and torch.equal(got.sin.cpu(), expected[3])
-    if pid_planes:
-        assert torch.equal(got.position_ids.cpu(), expected[4])
-    else:
-        assert got.position_ids is None
-
-
-def test_compact_with_3d_rope_planes(poisoned):
-    hidden, order, meta, cos, sin, _, _ = compact_case(torch.float32, seed=4)
-    cos3 = torch.stack([cos, cos + 1, cos + 2])
-    sin3 = torch.stack([sin, sin - 1, sin - 2])
-    got = compact(order.to(DEVICE), hidden.to(DEVICE), meta.to(DEVICE), cos3.to(DEVICE), sin3.to(DEVICE))
-    for p in range(3):
-        expected = gather_reference(hidden, order, meta, cos3[p], sin3[p], None, hidden[:, :0], order[:, :0])
-        assert torch.equal(got.cos[p].cpu(), expected[2]) and torch.equal(got.sin[p].cpu(), expected[3])
-
-
 def test_selection_is_deterministic():
     scores = torch.randn(3, 300, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     candidates = torch.ones(3, 300, dtype=torch.bool, device=DEVICE)
@@ -163,7 +100,3 @@ def test_launchers_name_bad_inputs():
                                                                                              device=DEVICE), 1)
     with pytest.raises(ValueError, match="width"):
         compaction_order(torch.ones(2, 10, dtype=torch.bool, device=DEVICE), 11)
-    with pytest.raises(ValueError, match="order must be"):
-        compact(torch.zeros(2, 3, dtype=torch.int32, device=DEVICE), torch.zeros(2, 10, 4, device=DEVICE),
-                torch.zeros(1, 2, 10, dtype=torch.long, device=DEVICE), torch.zeros(2, 10, 4, device=DEVICE),
-                torch.zeros(2, 10, 4, device=DEVICE))

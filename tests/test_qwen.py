@@ -132,8 +132,7 @@ def test_gravity_follows_the_three_mrope_axes():
     _, trace, _ = _sparse_run(model, inputs, config, 0)
     real = pruning.Pruner._gravity
     try:
-        pruning.Pruner._gravity = lambda self, prefill, layout, r_slot: (
-            prefill.gravity_table[:1], layout.pos.gather(1, r_slot)[None], layout.pos[None])
+        pruning.Pruner._gravity = lambda self, prefill, layout: (prefill.gravity_table[:1], layout.pos, None)
         _, flat, _ = _sparse_run(model, inputs, config, 0)
     finally:
         pruning.Pruner._gravity = real

@@ -101,7 +101,7 @@ def test_priority_heads_pick_the_heads_with_most_visual_attention():
     a[0, 2] = 0.9
     a[0, 0] = 0.5
     a[0, 1] = 0.5
-    head_rel = ref.head_relevance(a, torch.tensor([[True]]))
+    head_rel = ref.mean_over_raters(a, torch.tensor([[True]]))
     weights = ref.head_weights(head_rel, 2)
     assert weights.tolist() == [[0.5, 0.0, 0.5, 0.0]]  # head 2, then the tie 0/1 goes to head 0
     assert ref.head_weights(head_rel, None).tolist() == [[0.25] * 4]
@@ -109,7 +109,7 @@ def test_priority_heads_pick_the_heads_with_most_visual_attention():
 
 def test_head_relevance_averages_valid_raters_only():
     a = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)
-    rel = ref.head_relevance(a, torch.tensor([[True, False, True]]))
+    rel = ref.mean_over_raters(a, torch.tensor([[True, False, True]]))
     torch.testing.assert_close(rel, (a[:, :, 0] + a[:, :, 2]) / 2)
     weights = torch.tensor([[0.25, 0.75]])
     torch.testing.assert_close(ref.relevance(rel, weights), 0.25 * rel[:, 0] + 0.75 * rel[:, 1])
