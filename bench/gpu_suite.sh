@@ -38,7 +38,7 @@ else
     KERNEL_TESTS=(tests/test_kernel_queries.py tests/test_kernel_raters.py tests/test_kernel_relevance.py
                   tests/test_kernel_select.py tests/test_kernel_select_step.py tests/test_kernel_recycle.py
                   tests/test_kernel_compact.py tests/test_launch_count.py tests/test_triton_backend.py)
-    LIMITS=(75 150 80 35 20 100)  # 540 s in all
+    LIMITS=(70 135 75 35 20 130)  # 540 s in all
 fi
 E2E+=(--out "$OUT" --name "e2e_$GPU" --presets v1.5 v2 --budgets 128 64 --attn sdpa)
 

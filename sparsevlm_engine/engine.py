@@ -10,11 +10,12 @@ a prefill's decode state on its cache (see state.py).
   call, also when the call raises;
 - a pre-hook on the language model keeps the 3-D position ids of mRoPE models, and refuses a
   direct call that would extend a pruned cache without its stage masks;
-- a pre-hook on layer 0 picks the raters;
-- a pre-hook on every later layer swaps in the mask, RoPE rows and position ids of the
-  compacted layout it runs on (prefill) or its stage's decode mask (decode);
-- a second pre-hook on each pruning layer keeps a reference to its input and RoPE rows (no
-  device work), and a hook on the layer's output scores, selects, recycles and compacts.
+- one pre-hook on each layer that needs one (no forward hooks on layers): on layer 0 it picks
+  the raters; on the layer after a pruning layer it prunes its input (the pruning layer's
+  output: scoring, selection, recycling, compaction); on every layer of a pruned stage it swaps
+  in the mask, RoPE rows and position ids of the compacted layout (prefill) or its stage's decode
+  mask (decode, where a padded layout needs one); on a pruning layer it keeps a reference to
+  the layer input and RoPE rows the scoring reads (no device work).
 
 No hook runs inside a layer's forward, so that a compiled forward (compiled.py) holds the
 layer's own computation only.
@@ -133,6 +134,7 @@ class SparseEngine:
         self.sections = family.mrope_sections(text_config)
         self.pruner = Pruner(config, self.pruning_layers, self.dims, float(attn.scaling), inv_freq, self.sections)
         self.layer_stage = tuple(sum(p < layer for p in self.pruning_layers) for layer in range(self.depth))
+        self.pruner_layers = frozenset(self.pruning_layers)
         self.trace_shape = TraceShape(self.dims, self.depth, self.pruning_layers, config.mode == "rank")
         self.observers: tuple[PruningObserver, ...] = ()
         self.handles: list = []
@@ -169,14 +171,10 @@ class SparseEngine:
         self.handles.append(self.outer.register_forward_hook(self._end_call, with_kwargs=True, always_call=True))
         self.handles.append(self.decoder.register_forward_pre_hook(self._on_decoder_call, with_kwargs=True))
         for index, layer in enumerate(self.layers):
-            if index == 0 or self.layer_stage[index] > 0:  # later layers of stage 0 run as given
+            # later layers of stage 0 run as given, unless they prune
+            if index == 0 or self.layer_stage[index] > 0 or index in self.pruner_layers:
                 self.handles.append(layer.register_forward_pre_hook(
                     functools.partial(self._before_layer, index), with_kwargs=True))
-        for index in self.pruning_layers:
-            layer = self.layers[index]
-            self.handles.append(layer.register_forward_pre_hook(self._keep_attention_input, with_kwargs=True))
-            self.handles.append(layer.register_forward_hook(
-                functools.partial(self._after_pruning_layer, index), with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -191,7 +189,7 @@ class SparseEngine:
         attention_mask = kwargs.get("attention_mask")
         cache = kwargs.get("past_key_values")
         tokens = input_ids if input_ids is not None else embeds
-        batch, q_len = tokens.shape[0], tokens.shape[1]
+        q_len = tokens.shape[1]
         past = _cache_length(cache)
         state.starts_prompt = past == 0
         if cache is not None and type(cache).__name__ in UNSUPPORTED_CACHES:
@@ -223,11 +221,7 @@ class SparseEngine:
                 raise UnsupportedModeError(
                     "a sparsified model cannot extend a pruned cache with several tokens at once "
                     "(chunked prefill, assisted decoding, cache continuation)")
-            if attention_mask is None:
-                generated = torch.ones(batch, past + q_len - pruned.length, dtype=torch.bool, device=tokens.device)
-            else:
-                generated = attention_mask[:, pruned.length:].to(torch.bool)
-            state.decode = DecodeStep(pruned, generated, q_len)
+            state.decode = DecodeStep(pruned, attention_mask, past, q_len)
             state.phase = Phase.DECODE
         return None
 
@@ -256,7 +250,8 @@ class SparseEngine:
             if state.cache is not None:
                 set_pruned_record(state.cache, PrunedCache(
                     length=first.valid.shape[1], layer_stage=self.layer_stage,
-                    stage_valid=tuple(None if s.first_layer == 0 else s.layout.valid for s in prefill.stages)))
+                    stage_valid=tuple(None if s.first_layer == 0 else s.layout.valid for s in prefill.stages),
+                    stage_padded=tuple(s.padded for s in prefill.stages)))
         else:
             visual = state.request.visual
             mask = state.request.mask
@@ -284,26 +279,36 @@ class SparseEngine:
         state = current_call(self)
         if state is None or state.phase is Phase.DENSE:
             return None
-        if state.phase is Phase.PREFILL:
-            if index == 0:
-                self._start_prefill(state, args, kwargs)
-                return None
-            stage = state.prefill.stages[self.layer_stage[index]]
-            if stage.first_layer == 0:
-                return None
+        if state.phase is Phase.DECODE:
+            return self._decode_layer(state.decode, index, args, kwargs)
+        prefill = state.prefill
+        if index == 0:
+            self._start_prefill(state, args, kwargs)
+            prefill = state.prefill
+        stage_index = self.layer_stage[index]
+        if index and stage_index > self.layer_stage[index - 1]:
+            args, kwargs = self._prune_input(state, index - 1, args, kwargs)
+        stage = prefill.stages[stage_index]
+        if stage.first_layer > 0:
             kwargs["attention_mask"] = stage.mask
             kwargs["position_embeddings"] = (stage.cos, stage.sin)
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = stage.position_ids
-            return args, kwargs
-        step = state.decode
+        if index in self.pruner_layers:
+            self._keep_attention_input(state, args, kwargs)
+        return args, kwargs
+
+    def _decode_layer(self, step, index, args, kwargs):
+        """A decode step's mask for a layer of a pruned stage. Without padding anywhere (the model
+        passes no mask, and the stage's layout has none) the layer needs none either."""
         stage_index = step.pruned.layer_stage[index]
         valid = step.pruned.stage_valid[stage_index]
-        if valid is None:
+        if valid is None or (kwargs.get("attention_mask") is None and not step.pruned.stage_padded[stage_index]):
             return None
         if stage_index not in step.masks:  # one per stage and step, shared by the stage's layers
-            step.masks[stage_index] = decode_mask(valid, step.generated, step.query_length, self.impl,
-                                                  _hidden(args, kwargs).dtype)
+            hidden = _hidden(args, kwargs)
+            step.masks[stage_index] = decode_mask(valid, step.generated(valid), step.query_length, self.impl,
+                                                  hidden.dtype)
         kwargs["attention_mask"] = step.masks[stage_index]
         return args, kwargs
 
@@ -329,37 +334,34 @@ class SparseEngine:
         self._notify("after_raters")
         state.cache = kwargs.get("past_key_values")
 
-    def _keep_attention_input(self, module, args, kwargs):
+    def _keep_attention_input(self, state, args, kwargs) -> None:
         """What the pruning layer's attention will see: the layer input (its input_layernorm is
         applied to the rater rows only, in the scoring), and the RoPE rows and cache the layer
-        runs with (after _before_layer swapped them)."""
-        state = current_call(self)
-        if state is None or state.phase is not Phase.PREFILL:
-            return None
+        runs with (as swapped in for its stage)."""
         hidden = _hidden(args, kwargs)
         cos, sin = (_batched(t, hidden.shape[0]) for t in kwargs["position_embeddings"])
         state.prefill.scoring = ScoringInputs(hidden=hidden, cos=cos, sin=sin)
         if kwargs.get("past_key_values") is not None:
             state.cache = kwargs["past_key_values"]
-        return None
 
-    def _after_pruning_layer(self, index, module, args, kwargs, output):
-        state = current_call(self)
-        if state is None or state.phase is not Phase.PREFILL:
-            return None
+    def _prune_input(self, state, index, args, kwargs):
+        """Prune the output of pruning layer `index` (the input of the next layer) and open the
+        stage it starts; returns the next layer's args and kwargs with the compacted hidden states."""
         prefill = state.prefill
-        hidden = output[0] if isinstance(output, tuple) else output
-        stage_index = self.layer_stage[index]
+        hidden = _hidden(args, kwargs)
         scoring, prefill.scoring = prefill.scoring, None
         scoring.keys = _layer_keys(state.cache, index, hidden.shape[1])
+        layer = self.layers[index]
         if self.observers:
-            queries = functools.partial(self.pruner.queries, scoring, module, self.rotary)
+            queries = functools.partial(self.pruner.queries, scoring, layer, self.rotary)
             self._notify("before_prune", index, prefill.ops, queries)
-        result = self.pruner.prune(prefill, stage_index, index, hidden, scoring, module, self.rotary, self.impl)
+        result = self.pruner.prune(prefill, self.layer_stage[index], index, hidden, scoring, layer, self.rotary,
+                                   self.impl)
         self._notify("after_prune", index)
         prefill.steps.append(result.record)
         prefill.counts = result.counts
         prefill.stages.append(result.stage)
-        if isinstance(output, tuple):
-            return (result.hidden,) + tuple(output[1:])
-        return result.hidden
+        if args:
+            return (result.hidden,) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = result.hidden
+        return args, kwargs

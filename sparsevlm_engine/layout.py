@@ -76,12 +76,14 @@ class Plan:
     width: int = 0
     max_cand: int = 0
     max_clusters: int = 0
+    padded: bool = False
 
     def __post_init__(self):
         if self.keep.numel():
             self.width = int(self.after.valid.max())
             self.max_cand = int(self.n_cand.max())
             self.max_clusters = int(self.n_clusters.max())
+            self.padded = bool((self.after.valid < self.width).any())
 
     def host(self) -> torch.Tensor:
         """[3, B] int64 (keep, n_cand, n_clusters)."""
@@ -97,12 +99,14 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class Stage:
-    """A run of layers sharing one layout, from first_layer on: its prefill mask (4-D for eager /
-    sdpa, the 2-D validity for flash), RoPE rows and position ids (None for the prompt's own
-    layout, stage 0)."""
+    """A run of layers sharing one layout, from first_layer on: whether some row of it is padded
+    (decided on the host), its prefill mask (4-D for eager and a padded sdpa layout, the 2-D
+    validity for a padded flash one; None where causality alone is the mask), RoPE rows and
+    position ids (None for the prompt's own layout, stage 0)."""
 
     first_layer: int
     layout: Layout
+    padded: bool = False
     mask: torch.Tensor | None = None
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None

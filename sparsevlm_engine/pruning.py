@@ -102,9 +102,10 @@ class Pruner:
         if table is None or self.sections is None:
             mrope_ids = None
         layout, counts = initial_layout(ops, hidden, valid, visual)
+        padded = bool((counts.valid < valid.shape[1]).any())
         prefill = Prefill(ops=ops, gravity_table=table, mrope_ids=mrope_ids, valid=layout.valid,
                           visual=layout.visual, rope=rope, counts=counts,
-                          stages=[Stage(first_layer=0, layout=layout)], steps=[])
+                          stages=[Stage(first_layer=0, layout=layout, padded=padded)], steps=[])
         if self.config.mode == "schedule":
             for stage in range(len(self.counts)):
                 prefill.plans.append(self.plan(stage, counts))
@@ -234,10 +235,12 @@ class Pruner:
                                    plan.width)
             alive, order, merged, replace = recycled.alive, recycled.order, recycled.merged, recycled.replace
             record.cand_idx, record.centres, record.assign = selected.cand_idx, recycled.centres, recycled.assign
+        needs_mask = plan.padded or impl == "eager"  # else causality alone is the mask (sdpa's is_causal, flash)
         out = ops.compact(order, hidden, layout.src, layout.pos, alive, layout.visual, layout.rater, rope.cos,
-                          rope.sin, rope.position_ids, merged, replace, mask=MASK_KIND.get(impl),
-                          mask_dtype=hidden.dtype)
+                          rope.sin, rope.position_ids, merged, replace,
+                          mask=MASK_KIND.get(impl) if needs_mask else None, mask_dtype=hidden.dtype)
         new = Layout(src=out.src, pos=out.pos, valid=out.valid, visual=out.visual, rater=out.rater)
-        next_stage = Stage(first_layer=layer_index + 1, layout=new, mask=out.valid if out.mask is None else out.mask,
-                           cos=out.cos, sin=out.sin, position_ids=out.position_ids)
+        mask = (out.valid if out.mask is None else out.mask) if needs_mask else None
+        next_stage = Stage(first_layer=layer_index + 1, layout=new, padded=plan.padded, mask=mask, cos=out.cos,
+                           sin=out.sin, position_ids=out.position_ids)
         return PruneResult(hidden=out.hidden, stage=next_stage, counts=plan.after, record=record)

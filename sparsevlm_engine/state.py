@@ -34,11 +34,13 @@ class PrunedCache:
 
     length: prompt slots of the prefill (the cache length of layer 0 after it); stage_valid: per
     stage, the validity [B, Ls] of the layout its layers cached (None for stage 0, the prompt
-    as given); layer_stage: the stage of every decoder layer.
+    as given); stage_padded: per stage, whether some row of that layout is padded; layer_stage:
+    the stage of every decoder layer.
     """
 
     length: int
     stage_valid: tuple[torch.Tensor | None, ...]
+    stage_padded: tuple[bool, ...]
     layer_stage: tuple[int, ...]
 
 
@@ -66,13 +68,25 @@ class PrefillRequest:
 
 @dataclass
 class DecodeStep:
-    """One call that extends a pruned cache: validity [B, T] of the tokens added since the
-    prefill (the new ones included), and the decode mask of each stage, built once per call."""
+    """One call that extends a pruned cache: its 2-D attention mask [B, past + Q] (or None), the
+    query length, and the decode mask of each stage, built once per call where needed."""
 
     pruned: PrunedCache
-    generated: torch.Tensor
+    attention_mask: torch.Tensor | None
+    past: int
     query_length: int
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    _generated: torch.Tensor | None = None
+
+    def generated(self, like: torch.Tensor) -> torch.Tensor:
+        """Validity [B, T] of the tokens added since the prefill, the new ones included."""
+        if self._generated is None:
+            if self.attention_mask is None:
+                tail = self.past + self.query_length - self.pruned.length
+                self._generated = torch.ones(like.shape[0], tail, dtype=torch.bool, device=like.device)
+            else:
+                self._generated = self.attention_mask[:, self.pruned.length:].to(torch.bool)
+        return self._generated
 
 
 @dataclass

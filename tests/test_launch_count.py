@@ -21,10 +21,10 @@ SCHEDULE = {
 
 
 def _count_pruning_steps(monkeypatch):
-    """DeviceOps of every pruning layer's hooks (the pre-hook that keeps its input, and the output
-    hook that prunes), in call order."""
+    """DeviceOps of every pruning step: keeping the pruning layer's input (its pre-hook) and
+    pruning its output (the next layer's pre-hook), in call order."""
     steps = []
-    keep, prune = SparseEngine._keep_attention_input, SparseEngine._after_pruning_layer
+    keep, prune = SparseEngine._keep_attention_input, SparseEngine._prune_input
 
     def counted_keep(self, *args, **kwargs):
         with count_device_ops() as ops:
@@ -42,7 +42,7 @@ def _count_pruning_steps(monkeypatch):
         return result
 
     monkeypatch.setattr(SparseEngine, "_keep_attention_input", counted_keep)
-    monkeypatch.setattr(SparseEngine, "_after_pruning_layer", counted_prune)
+    monkeypatch.setattr(SparseEngine, "_prune_input", counted_prune)
     return steps
 
 
@@ -59,7 +59,7 @@ def test_a_pruning_layer_issues_at_most_six_device_operations(monkeypatch, prese
     """Batch 1, and a left-padded batch of 2 whose rows keep different counts (the mask pads)."""
     config, launches = SCHEDULE[preset]
     model, inputs = _llava(impl, batch)
-    steps = _count_pruning_steps(monkeypatch)  # before sparsify: the hooks bind the engine's methods
+    steps = _count_pruning_steps(monkeypatch)
     sve.sparsify(model, config.with_(backend="triton"))
     with torch.no_grad():
         model(**inputs)
@@ -100,3 +100,42 @@ def test_qwen_mrope_pruning_layer_issues_at_most_six_device_operations(monkeypat
     assert steps
     for ops in steps:
         assert sum(ops.launches.values()) == 4 and not ops.torch_ops, str(ops)
+
+
+def _count_engine_hooks(monkeypatch) -> list:
+    """DeviceOps of every engine hook call (model, decoder and layer hooks), in call order."""
+    calls = []
+    for name in ("_begin_call", "_end_call", "_on_decoder_call", "_before_layer"):
+        real = getattr(SparseEngine, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            with count_device_ops() as ops:
+                result = _real(self, *args, **kwargs)
+            calls.append(ops)
+            return result
+        monkeypatch.setattr(SparseEngine, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_what_a_decode_step_costs_in_the_engine(monkeypatch, impl, batch):
+    """A decode step over a pruned cache: with no padding anywhere and a model that passes no mask
+    (sdpa, batch 1), the engine adds no device operation; otherwise one decode mask per pruned
+    stage (sdpa: the key validity; eager: its additive form), and the generated tokens' validity."""
+    calls = _count_engine_hooks(monkeypatch)
+    model, inputs = _llava(impl, batch)
+    sve.sparsify(model, SCHEDULE["v1.5"][0])
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], 1)
+        calls.clear()
+        model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=out.past_key_values)
+    ops = sum((sum(c.torch_ops.values()) for c in calls), 0)
+    assert not any(c.launches or c.host_reads for c in calls)
+    stages = 3
+    if impl == "sdpa" and batch == 1:
+        assert ops == 0
+    else:
+        per_mask = {"sdpa": 1, "eager": 4}[impl]  # cat; cat, zeros, scalar_tensor, where
+        assert ops == 1 + stages * per_mask, [dict(c.torch_ops) for c in calls if c.torch_ops]
