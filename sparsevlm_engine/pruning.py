@@ -184,13 +184,16 @@ class Pruner:
 
     def rater_queries(self, prefill: Prefill, layout: Layout, scoring: ScoringInputs, layer, rotary):
         """(q [B, H, R, D], rater_slot [B, R], rater_valid [B, R]): one fused launch where the layer
-        is a standard RMSNorm + q_proj one, else through the layer's own modules."""
-        attn, raters = layer.self_attn, prefill.counts.raters
-        eps = rms_norm_eps(layer.input_layernorm)
-        if eps is not None and getattr(attn, "q_norm", None) is None:
-            return prefill.ops.rater_queries(scoring.hidden, layout.rater, layout.valid, raters,
-                                             layer.input_layernorm.weight, eps, attn.q_proj.weight, attn.q_proj.bias,
-                                             scoring.cos, scoring.sin, prefill.plane_of_dim)
+        is a standard RMSNorm + q_proj (nn.Linear) one in a single dtype, else through the layer's
+        own modules (another norm, a q_norm, a quantised projection, mixed dtypes)."""
+        attn, raters, norm = layer.self_attn, prefill.counts.raters, layer.input_layernorm
+        eps = rms_norm_eps(norm)
+        weight, bias = getattr(attn.q_proj, "weight", None), getattr(attn.q_proj, "bias", None)
+        same_dtype = all(t is None or t.dtype == scoring.hidden.dtype for t in (weight, bias, scoring.cos))
+        if (eps is not None and getattr(attn, "q_norm", None) is None and isinstance(attn.q_proj, torch.nn.Linear)
+                and same_dtype and norm.weight.dtype == scoring.hidden.dtype):
+            return prefill.ops.rater_queries(scoring.hidden, layout.rater, layout.valid, raters, norm.weight, eps,
+                                             weight, bias, scoring.cos, scoring.sin, prefill.plane_of_dim)
         r_slot = ref.packed_slots(layout.rater & layout.valid, raters)
         r_ok = r_slot >= 0
         return self.queries(scoring, layer, rotary, r_slot.clamp(min=0)), r_slot, r_ok

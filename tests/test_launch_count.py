@@ -139,3 +139,22 @@ def test_what_a_decode_step_costs_in_the_engine(monkeypatch, impl, batch):
     else:
         per_mask = {"sdpa": 1, "eager": 4}[impl]  # cat; cat, zeros, scalar_tensor, where
         assert ops == 1 + stages * per_mask, [dict(c.torch_ops) for c in calls if c.torch_ops]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layers_the_fused_rater_queries_do_not_cover_keep_the_same_tokens(monkeypatch, backend):
+    """Another norm, a q_norm, a quantised or mixed-dtype projection: the rater queries go through
+    the layer's own modules, and the kept tokens and logits are those of the fused path."""
+    from sparsevlm_engine import pruning
+
+    model, inputs = _llava("sdpa", 2)
+    sve.sparsify(model, SCHEDULE["v1.5"][0].with_(backend=backend))
+    with torch.no_grad():
+        fused = model(**inputs).logits
+        fused_trace = sve.last_trace(model)
+        monkeypatch.setattr(pruning, "rms_norm_eps", lambda norm: None)
+        generic = model(**inputs).logits
+    generic_trace = sve.last_trace(model)
+    for a, b in zip(fused_trace.samples, generic_trace.samples):
+        assert [r.kept for r in a.pruning] == [r.kept for r in b.pruning]
+    torch.testing.assert_close(generic, fused, atol=1e-5, rtol=1e-5)
