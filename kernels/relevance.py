@@ -349,6 +349,8 @@ def head_relevance(q: torch.Tensor, k: torch.Tensor, rater_slot: torch.Tensor, r
         lse_buf = torch.empty(batch, heads, raters, dtype=torch.float32, device=q.device)
     else:
         lse_buf = _given_lse("head_relevance", lse, batch, heads, raters)
+    if raters == 0:  # nobody rates: no relevance (and no zero-size pointer handed to a launch)
+        return torch.zeros(batch, heads, length, dtype=torch.float32, device=q.device)
     out = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
     if out.numel():
         _head_relevance_kernel[(batch * heads,)](

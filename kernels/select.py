@@ -230,8 +230,9 @@ def select_step(head_rel: torch.Tensor, valid: torch.Tensor, visual: torch.Tenso
     rel, score = empty(batch, length, dtype=torch.float32), empty(batch, length, dtype=torch.float32)
     flag, picked = empty(batch, length, dtype=torch.int8), empty(batch, length, dtype=torch.int8)
     kept, alive = empty(batch, length, dtype=torch.bool), empty(batch, length, dtype=torch.bool)
-    cand_idx = empty(batch, max_cand, dtype=torch.int64)
-    order = empty(batch, width or 0, dtype=torch.int64)
+    # at least one column: a GPU launch cannot take a zero-size tensor's (null) pointer
+    cand_idx = empty(batch, max(max_cand, 1), dtype=torch.int64)
+    order = empty(batch, max(width or 0, 1), dtype=torch.int64)
     if batch and length:
         block = min(MAX_BLOCK, max(16, next_pow2(length)))
         _select_step_kernel[(batch,)](
@@ -241,4 +242,5 @@ def select_step(head_rel: torch.Tensor, valid: torch.Tensor, visual: torch.Tenso
             max_cand, width or 0, n_priority or heads, BLOCK_H=max(2, next_pow2(heads)), BLOCK_T=BLOCK_TILE,
             BLOCK=block, ONE_BLOCK=length <= block, PRIORITY=n_priority is not None and n_priority < heads,
             CANDIDATES=max_cand > 0, ORDER=width is not None)
-    return Selected(rel, kept, alive, cand_idx if max_cand > 0 else None, order if width is not None else None)
+    return Selected(rel, kept, alive, cand_idx if max_cand > 0 else None,
+                    order[:, :width] if width is not None else None)

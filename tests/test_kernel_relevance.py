@@ -313,3 +313,9 @@ def test_head_relevance_takes_the_lse_of_torchs_varlen_flash_attention():
     own = head_relevance(q, k, slot, r_ok, k_ok, visual, scaling)
     torch.testing.assert_close(given, own, atol=1e-4, rtol=2e-3)
 
+
+
+def test_no_raters_means_no_relevance():
+    q, k, slot, r_ok, k_ok, visual = to_device(*scoring_case(2, 4, 2, 3, 20, 16, torch.float32))
+    got = head_relevance(q[:, :, :0], k, slot[:, :0], r_ok[:, :0], k_ok, visual, 0.25)
+    assert got.shape == (2, 4, 20) and not got.any()
