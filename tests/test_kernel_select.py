@@ -100,3 +100,14 @@ def test_launchers_name_bad_inputs():
                                                                                              device=DEVICE), 1)
     with pytest.raises(ValueError, match="width"):
         compaction_order(torch.ones(2, 10, dtype=torch.bool, device=DEVICE), 11)
+
+
+def test_a_width_below_the_alive_count_writes_no_other_row(poisoned):
+    """The gather map keeps a row's last `width` alive slots, as the reference does, and writes
+    nothing outside the row (it once wrote the first ones before the row: into the previous one)."""
+    alive = torch.zeros(3, 12, dtype=torch.bool)
+    alive[:, 2:] = True
+    width = 6
+    got = compaction_order(alive.to(DEVICE), width).cpu()
+    expected = ref.compaction_order(alive, torch.arange(12).expand(3, -1), width)
+    assert torch.equal(got, expected)

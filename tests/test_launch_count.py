@@ -158,3 +158,30 @@ def test_layers_the_fused_rater_queries_do_not_cover_keep_the_same_tokens(monkey
     for a, b in zip(fused_trace.samples, generic_trace.samples):
         assert [r.kept for r in a.pruning] == [r.kept for r in b.pruning]
     torch.testing.assert_close(generic, fused, atol=1e-5, rtol=1e-5)
+
+
+class _WrappedProjection(torch.nn.Module):
+    """A projection that is not an nn.Linear (as quantised or adapter-wrapped layers are)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_projection_that_is_not_a_linear_takes_the_layers_own_path():
+    model, inputs = _llava("sdpa", 2)
+    sve.sparsify(model, SCHEDULE["v1.5"][0].with_(backend="triton"))
+    with torch.no_grad():
+        fused = model(**inputs).logits
+        fused_trace = sve.last_trace(model)
+        for index in sve.engine_of(model).pruning_layers:
+            attn = sve.engine_of(model).layers[index].self_attn
+            attn.q_proj = _WrappedProjection(attn.q_proj)
+        wrapped = model(**inputs).logits
+    wrapped_trace = sve.last_trace(model)
+    for a, b in zip(fused_trace.samples, wrapped_trace.samples):
+        assert [r.kept for r in a.pruning] == [r.kept for r in b.pruning]
+    torch.testing.assert_close(wrapped, fused, atol=1e-5, rtol=1e-5)
