@@ -25,6 +25,7 @@ import torch
 
 import sparsevlm_engine as sve
 from sparsevlm_engine.backends import TorchOps, TritonOps
+from sparsevlm_engine.kernels.compact import compaction_order
 from sparsevlm_engine.kernels.relevance import head_relevance
 
 RESULTS = Path(__file__).parent / "results"
@@ -144,9 +145,7 @@ def bench_compact(batch, length, width):
     slots = torch.arange(length, device="cuda").expand(batch, -1).contiguous()
     cos = torch.randn(1, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16).expand(batch, -1, -1)
     sin = cos.clone()
-    order = TRITON.select_step(torch.rand(batch, 1, length, device="cuda"), alive, ~alive, rater,
-                               torch.zeros(batch, dtype=torch.long, device="cuda"), torch.zeros(batch, device="cuda",
-                               dtype=torch.long), None, 0, width).order
+    order = compaction_order(alive, width)
     return both("compact", order, hidden, slots, slots, alive, visual, rater, cos, sin, slots, mask="bool")
 
 

@@ -109,24 +109,30 @@ def gravity_lookup(table: torch.Tensor, rater_pos: torch.Tensor, key_pos: torch.
     return gravity_guard(table[sections, delta].sum(0), eps)
 
 
-def rater_attention(q: torch.Tensor, k: torch.Tensor, key_visible: torch.Tensor, visual_keys: torch.Tensor,
-                    scaling: float, gravity: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention probabilities of the rater rows on the visual keys.
-
-    q: [B, H, R, D] post-RoPE rater queries; k: [B, H_kv, L, D] post-RoPE keys (query head h
-    reads key head h // (H / H_kv)); key_visible: [B, R, L] bool (causal and not padding);
-    visual_keys: [B, L] bool. Each row is normalised over every visible key (the full row),
-    then kept only on visual keys. gravity: optional [B, R, L] divisor (RoPE gravity).
-    Returns a: [B, H, R, L] fp32, zero outside visible visual keys. Memory O(B H R L).
-    """
+def _rater_logits(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """fp32 logits [B, H, R, L] of rater queries q [B, H, R, D] on keys k [B, H_kv, L, D] (GQA)."""
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads % kv_heads:
         raise ValueError(f"query heads {heads} are not a multiple of key heads {kv_heads}")
     k = k.float().repeat_interleave(heads // kv_heads, dim=1)
-    logits = torch.einsum("bhrd,bhld->bhrl", q.float(), k) * scaling
+    return torch.einsum("bhrd,bhld->bhrl", q.float(), k) * scaling
+
+
+def rater_attention(q: torch.Tensor, k: torch.Tensor, key_visible: torch.Tensor, visual_keys: torch.Tensor,
+                    scaling: float, gravity: torch.Tensor | None = None,
+                    lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention probabilities of the rater rows on the visual keys.
+
+    q: [B, H, R, D] post-RoPE rater queries; k: [B, H_kv, L, D] post-RoPE keys (query head h
+    reads key head h // (H / H_kv)); key_visible: [B, R, L] bool (causal and not padding);
+    visual_keys: [B, L] bool. Each row is normalised over every visible key (the full row), by
+    its own log-sum-exp or the given lse [B, H, R], then kept only on visual keys. gravity:
+    optional [B, R, L] divisor (RoPE gravity).
+    Returns a: [B, H, R, L] fp32, zero outside visible visual keys. Memory O(B H R L).
+    """
     visible = key_visible[:, None]
-    logits = logits.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    logits = _rater_logits(q, k, scaling).masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True) if lse is None else lse[..., None].float()
     probs = torch.exp(logits - lse).nan_to_num(0.0)
     if gravity is not None:
         probs = probs / gravity[:, None].float()
@@ -271,33 +277,23 @@ def gravity_divisor(gravity, rater_slot: torch.Tensor) -> torch.Tensor | None:
     return gravity_lookup(table, rater_pos, key_pos)
 
 
+def _rater_visible(k, rater_slot, rater_valid, key_valid) -> torch.Tensor:
+    """[B, R, L] bool: the keys each valid rater sees (causal, not padding)."""
+    slots = torch.arange(k.shape[2], device=k.device)
+    return key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None]) & rater_valid[:, :, None]
+
+
 def rater_probs(q, k, rater_slot, rater_valid, key_valid, visual, scaling, lse=None, gravity=None) -> torch.Tensor:
     """a [B, H, R, L] (rater_attention) from the kernels' arguments; lse [B, H, R] replaces the
     rows' own log-sum-exp when given."""
-    slots = torch.arange(k.shape[2], device=k.device)
-    visible = key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None]) & rater_valid[:, :, None]
-    visible &= rater_slot[:, :, None] >= 0
-    divisor = gravity_divisor(gravity, rater_slot)
-    if lse is None:
-        return rater_attention(q, k, visible, visual, scaling, divisor)
-    heads = q.shape[1]
-    kf = k.float().repeat_interleave(heads // k.shape[1], dim=1)
-    logits = torch.einsum("bhrd,bhld->bhrl", q.float(), kf) * scaling
-    probs = torch.exp(logits - lse[..., None].float())
-    if divisor is not None:
-        probs = probs / divisor[:, None].float()
-    keep = visible[:, None] & visual[:, None, None, :]
-    return torch.where(keep, probs, torch.zeros((), dtype=probs.dtype))
+    visible = _rater_visible(k, rater_slot, rater_valid, key_valid) & (rater_slot[:, :, None] >= 0)
+    return rater_attention(q, k, visible, visual, scaling, gravity_divisor(gravity, rater_slot), lse)
 
 
 def rater_lse(q, k, rater_slot, rater_valid, key_valid, scaling) -> torch.Tensor:
     """Natural-log log-sum-exp [B, H, R] of each rater's attention row over the keys it sees."""
-    heads = q.shape[1]
-    kf = k.float().repeat_interleave(heads // k.shape[1], dim=1)
-    logits = torch.einsum("bhrd,bhld->bhrl", q.float(), kf) * scaling
-    slots = torch.arange(k.shape[2], device=k.device)
-    visible = key_valid[:, None, :] & (slots[None, None, :] <= rater_slot[:, :, None]) & rater_valid[:, :, None]
-    return torch.logsumexp(logits.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+    visible = _rater_visible(k, rater_slot, rater_valid, key_valid)
+    return torch.logsumexp(_rater_logits(q, k, scaling).masked_fill(~visible[:, None], float("-inf")), dim=-1)
 
 
 def head_relevance(q, k, rater_slot, rater_valid, key_valid, visual, scaling, lse=None, gravity=None):

@@ -17,8 +17,11 @@ from .kernels import reference_queries as ref_queries
 from .kernels import reference_recycle as ref_recycle
 
 
-OPS = ("select_raters", "gravity_table", "rater_queries", "rater_lse", "head_relevance", "rater_rows",
-       "select_step", "recycle", "compact")
+# every op, by the kernels module its launcher is in
+KERNEL_MODULES = {"select_raters": "raters", "gravity_table": "gravity", "rater_queries": "queries",
+                  "rater_lse": "relevance", "head_relevance": "relevance", "rater_rows": "relevance",
+                  "select_step": "select", "recycle": "recycle", "compact": "compact"}
+OPS = tuple(KERNEL_MODULES)
 
 
 class TorchOps:
@@ -40,12 +43,9 @@ class TritonOps:
     """The Triton kernels' launchers, by the same names (imported on first use: Triton is optional)."""
 
     name = "triton"
-    _modules = {"select_raters": "raters", "gravity_table": "gravity", "rater_queries": "queries",
-                "rater_lse": "relevance", "head_relevance": "relevance", "rater_rows": "relevance",
-                "select_step": "select", "recycle": "recycle", "compact": "compact"}
 
     def __init__(self):
-        for op, module in self._modules.items():
+        for op, module in KERNEL_MODULES.items():
             setattr(self, op, getattr(importlib.import_module(f"{__package__}.kernels.{module}"), op))
 
 

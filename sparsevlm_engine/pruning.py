@@ -20,6 +20,7 @@ import torch
 from .accounting import DecoderDims
 from .backends import ops_for
 from .config import SparseVLMConfig
+from .families import rope_rows
 from .kernels import reference as ref
 from .layout import (HostCounts, Layout, Plan, Prefill, Rope, ScoringInputs, Stage, gather_rows, initial_layout,
                      upload)
@@ -159,8 +160,6 @@ class Pruner:
 
     def _attention_input(self, scoring: ScoringInputs, layer, sections) -> tuple:
         """(x [B, L, d], cos, sin [B, L, D]) of every token, computed once per layer when needed."""
-        from .families import rope_rows
-
         if scoring.x is None:
             scoring.x = layer.input_layernorm(scoring.hidden)
         batch = scoring.x.shape[0]
