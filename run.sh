@@ -69,7 +69,7 @@ case "$cmd" in
         echo "== tests with transformers $TF4_VERSION (.venv-tf4)"
         .venv-tf4/bin/python -m pytest -q tests -m "not tf5_only" "$@" || status=1
         echo "== benchmark suites at CPU shapes, timings off (.venv)"
-        .venv/bin/python -m pytest -q bench/test_e2e_bench.py bench/test_hook_overhead.py bench/test_suite_summary.py --benchmark-disable || status=1
+        .venv/bin/python -m pytest -q bench/test_e2e_bench.py bench/test_hook_overhead.py bench/test_suite_summary.py bench/test_trace_report.py --benchmark-disable || status=1
         exit $status
         ;;
     *)

@@ -9,8 +9,10 @@ smallest distances of each row by bisection on the order-preserving int32 view o
 their mean square the spread), the score density * delta, the top n_clusters scores as ascending
 centres, the nearest centre of every candidate, the cluster means (a one-hot matmul per cluster
 block x d block), the new alive / replace rows (each L block compared with the centre slots) and
-the compaction gather map (compact.write_order).
-Semantics: `reference_recycle.recycle` (`reference.dpc_knn`, `reference.merge_clusters`,
+the compaction gather map: compact.write_order (recycled tokens at their centre's slot) or, given
+visual, compact.write_recycled_order (recycled tokens right after the row's last alive visual
+slot, highest centre score first).
+Semantics: `reference_recycle.recycle` (`reference.ranked_dpc_knn`, `reference.merge_clusters`,
 `reference.compaction_order`); all maths in fp32.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import triton.language as tl
 from ._launch import check_device, check_float, check_shape, interpreting, next_pow2
 from .cluster import (assign_phase, candidate_count, candidate_slots, density_phase, layout_phase, load_rows,
                       merge_phase, sample_counts, score_phase, select_phase)
-from .compact import write_order
+from .compact import write_order, write_recycled_order
 from .reference_recycle import Recycled
 
 __all__ = ["Recycled", "recycle"]
@@ -82,21 +84,23 @@ def _pairwise_dist_kernel(
 
 
 @triton.jit(do_not_specialize=["stride_hb", "stride_cb", "stride_nc", "stride_ncl", "stride_ab", "stride_al",
-                               "N", "L", "C", "W"])
+                               "stride_vb", "stride_vl", "N", "L", "C", "W"])
 def _recycle_kernel(
-    hidden_ptr, cand_ptr, ncand_ptr, ncl_ptr, alive_in_ptr, dist_ptr, aux_ptr,
+    hidden_ptr, cand_ptr, ncand_ptr, ncl_ptr, alive_in_ptr, visual_ptr, dist_ptr, aux_ptr,
     merged_ptr, centres_ptr, assign_ptr, alive_ptr, replace_ptr, order_ptr,
     stride_hb, stride_hl, stride_hd,
     stride_cb, stride_cn,
     stride_nc, stride_ncl,
     stride_ab, stride_al,
+    stride_vb, stride_vl,
     N, L, D, C, W,
     BLOCK_ROW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_RE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_O: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_Q: tl.constexpr, NATIVE: tl.constexpr, VISUAL: tl.constexpr,
 ):
     """Row b of every output. Scratch: dist [B, N, N] (from _pairwise_dist_kernel) and aux
-    [B, 2, N] (spread, score); every output is contiguous."""
+    [B, 2, N] (spread, score); every output is contiguous. VISUAL: visual_ptr [B, L] int8 is
+    given and the recycled tokens follow the row's last alive visual slot in order_ptr."""
     b = tl.program_id(0).to(tl.int64)
     n, k = sample_counts(ncand_ptr, ncl_ptr, b, stride_nc, stride_ncl, N, C)
     dist_base = dist_ptr + b * N * N
@@ -119,7 +123,12 @@ def _recycle_kernel(
     layout_phase(alive_in_ptr + b * stride_ab, stride_al, cand_base, stride_cn, centres_base,
                  alive_ptr + b * L, replace_ptr + b * L, k, L, BLOCK_L, BLOCK_E)
     tl.debug_barrier()
-    write_order(alive_ptr, order_ptr, b, L, W, BLOCK_O)
+    if VISUAL:
+        write_recycled_order(alive_in_ptr + b * stride_ab, stride_al, visual_ptr + b * stride_vb, stride_vl,
+                             alive_ptr + b * L, replace_ptr + b * L, cand_base, stride_cn, centres_base,
+                             score_base, order_ptr + b * W, k, L, W, BLOCK_O, BLOCK_E, BLOCK_Q)
+    else:
+        write_order(alive_ptr, order_ptr, b, L, W, BLOCK_O)
 
 
 def _is_int(t: torch.Tensor) -> bool:
@@ -130,9 +139,10 @@ def _is_host_int(value, low: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and value >= low
 
 
-def _check(hidden, cand_idx, n_cand, n_clusters, max_clusters, alive, width) -> None:
+def _check(hidden, cand_idx, n_cand, n_clusters, max_clusters, alive, width, visual) -> None:
     op = "recycle"
-    check_device(op, hidden=hidden, cand_idx=cand_idx, n_cand=n_cand, n_clusters=n_clusters, alive=alive)
+    extra = {} if visual is None else {"visual": visual}
+    check_device(op, hidden=hidden, cand_idx=cand_idx, n_cand=n_cand, n_clusters=n_clusters, alive=alive, **extra)
     check_float(op, hidden=hidden)
     check_shape(op, "hidden", hidden, (None, None, None))
     batch, length, dim = hidden.shape
@@ -145,6 +155,10 @@ def _check(hidden, cand_idx, n_cand, n_clusters, max_clusters, alive, width) -> 
             raise ValueError(f"{op}: {name} must be an integer tensor, got {t.dtype} with shape {list(t.shape)}")
     if alive.dtype != torch.bool:
         raise ValueError(f"{op}: alive must be a bool tensor, got {alive.dtype}")
+    if visual is not None:
+        check_shape(op, "visual", visual, (batch, length))
+        if visual.dtype != torch.bool:
+            raise ValueError(f"{op}: visual must be a bool tensor, got {visual.dtype}")
     if cand_idx.shape[1] < 1:
         raise ValueError(f"{op}: cand_idx has shape {list(cand_idx.shape)}, expected at least one candidate column")
     if dim < 1:
@@ -162,7 +176,7 @@ def _pointer(t: torch.Tensor) -> torch.Tensor:
 
 
 def recycle(hidden: torch.Tensor, cand_idx: torch.Tensor, n_cand: torch.Tensor, n_clusters: torch.Tensor,
-            max_clusters: int, alive: torch.Tensor, width: int) -> Recycled:
+            max_clusters: int, alive: torch.Tensor, width: int, visual: torch.Tensor | None = None) -> Recycled:
     """DPC-kNN clustering of each row's candidates, the mean of each cluster, and the bookkeeping
     of the new layout in which each cluster mean takes its centre's slot, for a whole batch.
 
@@ -172,14 +186,17 @@ def recycle(hidden: torch.Tensor, cand_idx: torch.Tensor, n_cand: torch.Tensor, 
     (ignored when n_cand[b] = 0); both may be strided views. max_clusters: host int C >=
     max(n_clusters). alive: [B, L] bool, the slots that stay whatever the clustering; width: host
     int W, the new layout's length, >= every row's alive count after recycling (not checked: that
-    would need a host read).
+    would need a host read). visual: optional [B, L] bool (any strides); given, only order
+    changes: the recycled tokens follow the row's last slot alive (in the input alive) and
+    visual, highest centre score first (ties to the lower candidate), every other alive slot in
+    slot order, the row right-aligned after its last dead slots.
     Returns Recycled(merged [B, C, d] hidden.dtype, centres [B, C] int64, assign [B, N] int64,
     alive [B, L] bool, replace [B, L] int32, order [B, W] int64), equal to
     `reference_recycle.recycle`. Two launches, no other device op, no host synchronisation.
 
     >>> out = recycle(h, idx, n, k, 32, alive, 300)   # h: [2, 700, 4096], idx: [2, 576]
     """
-    _check(hidden, cand_idx, n_cand, n_clusters, max_clusters, alive, width)
+    _check(hidden, cand_idx, n_cand, n_clusters, max_clusters, alive, width, visual)
     batch, length, dim = hidden.shape
     n_slots = cand_idx.shape[1]
     n_centres = max_clusters
@@ -218,17 +235,19 @@ def recycle(hidden: torch.Tensor, cand_idx: torch.Tensor, n_cand: torch.Tensor, 
     block_row = max(16, next_pow2(n_slots))
     block_e = min(128, max(2, next_pow2(min(n_centres, n_slots))))
     _recycle_kernel[(batch,)](
-        _pointer(hidden), cand_idx, n_cand, n_clusters, _pointer(alive.view(torch.int8)), dist, aux,
+        _pointer(hidden), cand_idx, n_cand, n_clusters, _pointer(alive.view(torch.int8)),
+        _pointer((alive if visual is None else visual).view(torch.int8)), dist, aux,
         merged, centres, assign, _pointer(alive_out.view(torch.int8)), _pointer(replace), _pointer(order),
         hidden.stride(0), hidden.stride(1), hidden.stride(2),
         cand_idx.stride(0), cand_idx.stride(1),
         n_cand.stride(0), n_clusters.stride(0),
         alive.stride(0), alive.stride(1),
+        *(visual.stride() if visual is not None else (0, 0)),
         n_slots, length, dim, n_centres, width,
         BLOCK_ROW=block_row, BLOCK_R=min(block_row, max(2, 4096 // block_row)),
         BLOCK_E=block_e, BLOCK_RE=min(block_row, max(2, 4096 // block_e)),
         BLOCK_C=min(128, max(16, next_pow2(n_centres))), BLOCK_J=32, BLOCK_D=min(64, max(16, next_pow2(dim))),
         BLOCK_L=min(64, max(16, next_pow2(length))), BLOCK_O=min(1024, max(16, next_pow2(length))),
-        NATIVE=native, num_warps=8,
+        BLOCK_Q=min(block_e, max(2, 4096 // block_e)), NATIVE=native, VISUAL=visual is not None, num_warps=8,
     )
     return out

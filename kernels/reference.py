@@ -208,6 +208,11 @@ def packed_slots(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def dpc_knn(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centres, assign) of `ranked_dpc_knn`."""
+    return ranked_dpc_knn(x, n_clusters)[:2]
+
+
+def ranked_dpc_knn(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Density-peak clustering with k nearest neighbours of one sample's candidates.
 
     x: [N, d]. dist = ||x_i - x_j|| / sqrt(d); rho_i = exp(-mean squared distance to its
@@ -215,7 +220,8 @@ def dpc_knn(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tenso
     density (density ties: the lower index counts as higher), or the largest distance if none;
     centres = the n_clusters points with the largest rho * delta (ties to the lower index);
     every point joins its nearest centre (ties to the earlier centre), a centre joins itself.
-    Returns (centres [C] ascending indices into x, assign [N] in [0, C)).
+    Returns (centres [C] ascending indices into x, assign [N] in [0, C), rank [C] of each centre
+    by score, 0 the highest).
     """
     n, d = x.shape
     xf = x.float()
@@ -229,10 +235,11 @@ def dpc_knn(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tenso
         (spread[None, :] == spread[:, None]) & (idx[None, :] < idx[:, None]))
     delta = torch.where(higher, dist, dist.max()).min(-1).values
     score = torch.exp(-spread) * delta
-    centres = torch.sort(score, descending=True, stable=True).indices[:n_clusters].sort().values
+    by_score = torch.sort(score, descending=True, stable=True).indices[:n_clusters]
+    centres, rank = by_score.sort()
     assign = dist[:, centres].argmin(-1)
     assign[centres] = torch.arange(n_clusters, device=x.device)
-    return centres, assign
+    return centres, assign, rank
 
 
 def merge_clusters(x: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> torch.Tensor:

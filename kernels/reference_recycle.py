@@ -25,10 +25,12 @@ class Recycled(NamedTuple):
 
 
 def recycle(hidden: torch.Tensor, cand_idx: torch.Tensor, n_cand: torch.Tensor, n_clusters: torch.Tensor,
-            max_clusters: int, alive: torch.Tensor, width: int) -> Recycled:
+            max_clusters: int, alive: torch.Tensor, width: int, visual: torch.Tensor | None = None) -> Recycled:
     """Row by row: `reference.dpc_knn` and `reference.merge_clusters` on hidden[b, cand_idx[b, :n]],
     the centres' slots made alive and marked in replace, and `reference.compaction_order` of the
-    new alive with positions = slot index and the given width. The cluster count is clamped to
+    new alive with the given width. Without visual the recycled tokens sit at their centre's slot
+    (positions = slot index); with visual [B, L] bool they follow the row's last slot that is
+    alive and visual, highest centre score first. The cluster count is clamped to
     [1, min(n_cand, max_clusters)] as the kernel does (a no-op for valid inputs)."""
     batch, length, dim = hidden.shape
     n_slots = cand_idx.shape[1]
@@ -38,6 +40,8 @@ def recycle(hidden: torch.Tensor, cand_idx: torch.Tensor, n_cand: torch.Tensor, 
     assign = torch.full((batch, n_slots), -1, dtype=torch.int64, device=device)
     alive_out = alive.clone()
     replace = torch.full((batch, length), -1, dtype=torch.int32, device=device)
+    position = (torch.arange(length, device=device) * (max_clusters + 1)).repeat(batch, 1)
+    last_visual = torch.where(alive & visual, position, -1).max(1).values if visual is not None else None
     for b, (n, k) in enumerate(zip(n_cand.tolist(), n_clusters.tolist())):
         n = max(0, min(int(n), n_slots))
         if n == 0:
@@ -45,13 +49,14 @@ def recycle(hidden: torch.Tensor, cand_idx: torch.Tensor, n_cand: torch.Tensor, 
         k = max(1, min(int(k), n, max_clusters))
         slots = cand_idx[b, :n].long()
         x = hidden[b, slots]
-        row_centres, row_assign = ref.dpc_knn(x, k)
+        row_centres, row_assign, row_rank = ref.ranked_dpc_knn(x, k)
         merged[b, :k] = ref.merge_clusters(x, row_assign, k)
         centres[b, :k] = row_centres
         assign[b, :n] = row_assign
         centre_slots = slots[row_centres]
         alive_out[b, centre_slots] = True
         replace[b, centre_slots] = torch.arange(k, dtype=torch.int32, device=device)
-    position = torch.arange(length, device=device).expand(batch, length)
+        if last_visual is not None:  # slot keys are multiples of C + 1: room for C ranks after the last
+            position[b, centre_slots] = last_visual[b] + 1 + row_rank
     order = ref.compaction_order(alive_out, position, width)
     return Recycled(merged, centres, assign, alive_out, replace, order)

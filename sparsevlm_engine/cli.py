@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="--preset v1 only, with --rank-bias: keep int(rank * scale + bias) tokens, for a budget "
                         "without published coefficients (those are for 64, 128 and 192)")
     p.add_argument("--rank-bias", type=float, default=None, help="--preset v1 only, with --rank-scale")
+    p.add_argument("--positions", default=None, choices=("renumber", "original"),
+                   help="position ids after pruning (default: the preset's; v1 and v1.5 renumber, v2 original)")
     p.add_argument("--out", default="sparsevlm_out", help=f"folder for {PNG_NAME} (default ./sparsevlm_out)")
 
 

@@ -35,8 +35,10 @@ def as_flags(message: str) -> str:
     return re.sub(r"\b(" + "|".join(CONFIG_FLAGS) + r")\b", lambda m: CONFIG_FLAGS[m.group(1)], message)
 
 
-def make_config(preset: str, budget: int, rank_scale: float | None = None, rank_bias: float | None = None):
-    """The SparseVLMConfig of --preset, --budget and (v1) --rank-scale / --rank-bias; CliError when invalid."""
+def make_config(preset: str, budget: int, rank_scale: float | None = None, rank_bias: float | None = None,
+                positions: str | None = None):
+    """The SparseVLMConfig of --preset, --budget, (v1) --rank-scale / --rank-bias and --positions
+    (None: the preset's); CliError when invalid."""
     from .config import SparseVLMConfig
 
     if (rank_scale is None) != (rank_bias is None):
@@ -44,6 +46,8 @@ def make_config(preset: str, budget: int, rank_scale: float | None = None, rank_
     if rank_scale is not None and preset != "v1":
         raise CliError(f"--rank-scale and --rank-bias need --preset v1 (rank mode), got --preset {preset}")
     coefficients = {} if rank_scale is None else {"scale": rank_scale, "bias": rank_bias}
+    if positions is not None:
+        coefficients["positions"] = positions
     try:
         return SparseVLMConfig.preset(preset, budget, **coefficients)
     except ValueError as e:

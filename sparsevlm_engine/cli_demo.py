@@ -111,7 +111,7 @@ def _random_weight_demo(args, config):
 
 def _check_demo_args(args):
     """The config of a demo's arguments, every one checked; fills in the default --max-new-tokens."""
-    config = make_config(args.preset, args.budget, args.rank_scale, args.rank_bias)
+    config = make_config(args.preset, args.budget, args.rank_scale, args.rank_bias, args.positions)
     check_range("--repeats", args.repeats, 1, MAX_REPEATS)
     check_range("--seed", args.seed, 0, MAX_SEED)
     if args.max_new_tokens is None:
@@ -140,7 +140,7 @@ def run_demo(args) -> int:
     if not trained:
         print("NOTE: the weights are random, so the generated text is meaningless; the token counts, "
               "FLOPs and timings are real.")
-    print(f"preset {args.preset}, budget {args.budget}")
+    print(f"preset {args.preset}, budget {args.budget}, positions {config.positions}")
 
     dense_s, sparse_s = compare_prefill(model, inputs, config, args.repeats)  # leaves it sparsified
     n_prompt = inputs["input_ids"].shape[1]

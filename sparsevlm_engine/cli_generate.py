@@ -11,7 +11,7 @@ from .cli_report import decode_new, report, save_kept_patches
 def run_generate(args) -> int:
     """Check every argument, load the checkpoint, generate sparsified, print the answer and the
     report, write the PNG; returns the exit code."""
-    config = make_config(args.preset, args.budget, args.rank_scale, args.rank_bias)
+    config = make_config(args.preset, args.budget, args.rank_scale, args.rank_bias, args.positions)
     check_range("--max-new-tokens", args.max_new_tokens, 1, MAX_NEW_TOKENS)
     path = check_model_path(args.model)
     image = load_image(args.image)
@@ -33,7 +33,7 @@ def run_generate(args) -> int:
     tokenizer = getattr(processor, "tokenizer", processor)
     print(decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
     print(f"preset {args.preset}, budget {args.budget}; pruning layers: "
-          f"{', '.join(str(x) for x in trace.pruning_layers)}")
+          f"{', '.join(str(x) for x in trace.pruning_layers)}; positions {config.positions}")
     report(trace)
     shown, grid = heatmap_view(hf_config, image, inputs)
     save_kept_patches(shown, trace.samples[0], out, grid)

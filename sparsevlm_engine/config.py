@@ -5,11 +5,12 @@ import math
 import numbers
 from dataclasses import dataclass, replace
 
-from .schedule import RANK_COEFFICIENTS, REFERENCE_LAYERS, SCHEDULE_TABLES, derive_schedule
+from .schedule import RANK_COEFFICIENTS, REFERENCE_LAYERS, SCHEDULE_TABLES, V1_LAYERS, derive_schedule
 
 MODES = ("schedule", "rank")
 PRESETS = ("v1", "v1.5", "v2")
 BACKENDS = ("auto", "torch", "triton")
+POSITIONS = ("renumber", "original")
 SCHEDULES = tuple(SCHEDULE_TABLES)
 MAX_DEFAULT_LAYERS = len(REFERENCE_LAYERS)  # default_pruning_layers gives at most one layer per stage
 MIN_CLUSTER_DIVISOR = 2  # c = n_cand // divisor + 1 clusters must not exceed the n_cand candidates
@@ -75,7 +76,15 @@ class SparseVLMConfig:
     rank_scale, rank_bias: rank mode's coefficients (both or neither; scale > 0); without them
         the published ones for budget 192, 128 or 64.
     pruning_layers: 0-indexed decoder layers whose output is pruned; None derives
-        round(l * depth / 32) for l in (2, 6, 15).
+        round(l * depth / 32) for l in (2, 6, 15), or in (2, 6, 15, 19) in rank mode (v1).
+    positions: "renumber" (the authors' v1 / v1.5 code: after each pruning layer the tokens left
+        take position ids 0 .. L'-1, recycled tokens follow the kept visual tokens in centre-score
+        order, and a generated token's position at a layer is that layer's cache length) or
+        "original" (v2.0: every token keeps its position id, recycled tokens take their centre's,
+        decoding continues at the unpruned length; only this mode equals a dense run with the
+        pruned keys masked). None: "original" for the v2.0 schedule, else "renumber". On mRoPE
+        models (Qwen2-VL) "renumber" keeps every token's 3-D ids and takes only the recycled
+        tokens' placement (see README).
     recycling: merge part of the pruned tokens back (DPC-kNN + mean) instead of dropping them.
     recycle_ratio: the share of the pruned tokens that are recycling candidates, in (0, 1].
     cluster_divisor: candidates // cluster_divisor + 1 clusters; >= 2, so that there are never
@@ -107,6 +116,7 @@ class SparseVLMConfig:
     rope_gravity: bool = False
     reference_visual_tokens: int = 576
     backend: str = "auto"
+    positions: str | None = None
 
     def __post_init__(self) -> None:
         self._check_kinds()
@@ -135,6 +145,9 @@ class SparseVLMConfig:
         _choice("mode", self.mode, MODES)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("backend", self.backend, BACKENDS)
+        if self.positions is None:
+            self._set("positions", "original" if self.mode == "schedule" and self.schedule == "v2.0" else "renumber")
+        _choice("positions", self.positions, POSITIONS)
 
     def _check_ranges(self) -> None:
         """Bounds that do not depend on the mode."""
@@ -210,6 +223,12 @@ class SparseVLMConfig:
         return self.schedule_budget < self.reference_visual_tokens
 
     @property
+    def reference_layers(self) -> tuple[int, ...]:
+        """The default pruning layers of a 32-layer decoder: (2, 6, 15, 19) for v1 (rank mode),
+        else (2, 6, 15)."""
+        return V1_LAYERS if self.mode == "rank" else REFERENCE_LAYERS
+
+    @property
     def schedule_budget(self) -> float:
         """The budget in visual tokens of 576: budget, or keep_fraction * 576."""
         if self.keep_fraction is None:
@@ -229,20 +248,24 @@ class SparseVLMConfig:
 
     @classmethod
     def v1_rank(cls, budget: int = 128, scale: float | None = None, bias: float | None = None, **kw):
-        """SparseVLM v1: rank-adaptive counts, recycling on."""
+        """SparseVLM v1: rank-adaptive counts at layers 2 / 6 / 15 / 19, recycling on, renumbered positions."""
         kw.setdefault("recycling", True)
+        kw.setdefault("positions", "renumber")
         return cls(budget=budget, mode="rank", rank_scale=scale, rank_bias=bias, **kw)
 
     @classmethod
     def v1_5(cls, budget: int = 128, **kw):
-        """SparseVLM v1.5: the v1.5 schedule table, recycling on."""
+        """SparseVLM v1.5: the v1.5 schedule table, recycling on, renumbered positions."""
         kw.setdefault("recycling", True)
+        kw.setdefault("positions", "renumber")
         return cls(budget=budget, mode="schedule", schedule="v1.5", **kw)
 
     @classmethod
     def v2(cls, budget: int = 128, **kw):
-        """SparseVLM+ (v2.0): the v2.0 table, priority heads and RoPE gravity on, recycling off."""
+        """SparseVLM+ (v2.0): the v2.0 table, priority heads and RoPE gravity on, recycling off,
+        original positions."""
         kw.setdefault("priority_heads", True)
+        kw.setdefault("positions", "original")
         kw.setdefault("rope_gravity", True)
         kw.setdefault("recycling", False)
         return cls(budget=budget, mode="schedule", schedule="v2.0", **kw)

@@ -14,8 +14,9 @@ a prefill's decode state on its cache (see state.py).
   the raters; on the layer after a pruning layer it prunes its input (the pruning layer's
   output: scoring, selection, recycling, compaction); on every layer of a pruned stage it swaps
   in the mask, RoPE rows and position ids of the compacted layout (prefill) or its stage's decode
-  mask (decode, where a padded layout needs one); on a pruning layer it keeps a reference to
-  the layer input and RoPE rows the scoring reads (no device work).
+  mask (decode, where a padded layout needs one) and, with renumbered positions, its stage's
+  decode RoPE rows; on a pruning layer it keeps a reference to the layer input and RoPE rows the
+  scoring reads (no device work).
 
 No hook runs inside a layer's forward, so that a compiled forward (compiled.py) holds the
 layer's own computation only.
@@ -33,12 +34,12 @@ from .accounting import DecoderDims
 from .config import SparseVLMConfig
 from .families import Family, UnsupportedModelError, rotary_functions
 from .layout import Rope, ScoringInputs
-from .masks import decode_mask
+from .decoding import stage_inputs, stage_shifts
 from .pruning import Pruner
 from .schedule import default_pruning_layers
 from .state import (DecodeStep, Phase, PrefillRequest, PrunedCache, begin_call, current_call, end_call,
                     pruned_record, set_pruned_record)
-from .trace import DenseRecord, LastTrace, PrefillRecord, Trace, TraceShape
+from .trace import DenseRecord, LastTrace, PrefillRecord, StageRecord, Trace, TraceShape
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
 UNSUPPORTED_CACHES = ("StaticCache", "SlidingWindowCache", "HybridCache", "OffloadedStaticCache",
@@ -104,6 +105,11 @@ def _hidden(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _batch_ids(mrope_ids: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor | None:
+    """The prompt's 3-D position ids [3, B, L] (batch dimension expanded), or None."""
+    return None if mrope_ids is None else mrope_ids.to(valid.device).expand(3, *valid.shape)
+
+
 class SparseEngine:
     """The hooks of one sparsified model, its pruner and its last trace."""
 
@@ -117,7 +123,7 @@ class SparseEngine:
         text_config = getattr(model.config, "text_config", model.config)
         self.dims = DecoderDims.from_text_config(text_config)
         self.depth = len(self.layers)
-        self.pruning_layers = config.pruning_layers or default_pruning_layers(self.depth)
+        self.pruning_layers = config.pruning_layers or default_pruning_layers(self.depth, config.reference_layers)
         if self.pruning_layers[-1] >= self.depth - 1:
             raise ValueError(f"pruning layers {self.pruning_layers} must be below the last layer ({self.depth - 1})")
         self.impl = attn_implementation(model.config)
@@ -133,6 +139,9 @@ class SparseEngine:
         self.rotary = rotary_functions(attn)
         self.sections = family.mrope_sections(text_config)
         self.pruner = Pruner(config, self.pruning_layers, self.dims, float(attn.scaling), inv_freq, self.sections)
+        if self.pruner.renumbers_ids and not isinstance(getattr(self.decoder, "rotary_emb", None), nn.Module):
+            raise UnsupportedModelError("positions='renumber' needs the decoder's rotary_emb module to give "
+                                        "generated tokens their per-stage positions; use positions='original'")
         self.layer_stage = tuple(sum(p < layer for p in self.pruning_layers) for layer in range(self.depth))
         self.pruner_layers = frozenset(self.pruning_layers)
         self.trace_shape = TraceShape(self.dims, self.depth, self.pruning_layers, config.mode == "rank")
@@ -241,22 +250,24 @@ class SparseEngine:
             if state.cache is not None:
                 set_pruned_record(state.cache, None)
             return None
+        mrope_ids = state.request.mrope_ids
         if state.phase is Phase.PREFILL:
             prefill = state.prefill
-            first, final = prefill.stages[0].layout, prefill.stages[-1].layout
-            record = PrefillRecord(valid=prefill.valid, visual=prefill.visual, first_pos=first.pos,
-                                   raters=first.rater & first.valid, final_pos=final.pos,
-                                   final_valid=final.valid, steps=prefill.steps)
+            first = prefill.stages[0].layout
+            stages = [StageRecord(s.first_layer, s.layout.src, s.layout.valid, s.layout.pos) for s in prefill.stages]
+            record = PrefillRecord(valid=prefill.valid, visual=prefill.visual, raters=first.rater & first.valid,
+                                   stages=stages, steps=prefill.steps, mrope_ids=_batch_ids(mrope_ids, first.valid))
             if state.cache is not None:
                 set_pruned_record(state.cache, PrunedCache(
                     length=first.valid.shape[1], layer_stage=self.layer_stage,
                     stage_valid=tuple(None if s.first_layer == 0 else s.layout.valid for s in prefill.stages),
-                    stage_padded=tuple(s.padded for s in prefill.stages)))
+                    stage_padded=tuple(s.padded for s in prefill.stages),
+                    stage_shift=stage_shifts(prefill) if self.pruner.renumbers_ids else None))
         else:
             visual = state.request.visual
             mask = state.request.mask
             valid = torch.ones_like(visual) if mask is None else mask.to(device=visual.device, dtype=torch.bool)
-            record = DenseRecord(valid, visual & valid)
+            record = DenseRecord(valid, visual & valid, _batch_ids(mrope_ids, valid))
         self.last = LastTrace(record, self.trace_shape)
         return None
 
@@ -269,7 +280,7 @@ class SparseEngine:
                     "this cache was filled by a pruned prefill; extend it through the multimodal model "
                     "(model(...) or model.generate), which knows each layer's kept tokens, not the decoder alone")
             return None
-        if state.phase is Phase.PREFILL and self.sections is not None:
+        if state.starts_prompt and state.request is not None and self.sections is not None:
             pid = kwargs.get("position_ids")
             state.request.mrope_ids = pid[-3:] if pid is not None and pid.dim() == 3 else None
         return None
@@ -299,17 +310,14 @@ class SparseEngine:
         return args, kwargs
 
     def _decode_layer(self, step, index, args, kwargs):
-        """A decode step's mask for a layer of a pruned stage. Without padding anywhere (the model
-        passes no mask, and the stage's layout has none) the layer needs none either."""
+        """A decode step's inputs for a layer of a pruned stage (decoding.stage_inputs)."""
         stage_index = step.pruned.layer_stage[index]
-        valid = step.pruned.stage_valid[stage_index]
-        if valid is None or (kwargs.get("attention_mask") is None and not step.pruned.stage_padded[stage_index]):
+        if stage_index == 0:
             return None
-        if stage_index not in step.masks:  # one per stage and step, shared by the stage's layers
-            hidden = _hidden(args, kwargs)
-            step.masks[stage_index] = decode_mask(valid, step.generated(valid), step.query_length, self.impl,
-                                                  hidden.dtype)
-        kwargs["attention_mask"] = step.masks[stage_index]
+        changes = stage_inputs(step, stage_index, _hidden(args, kwargs), kwargs, self.impl, self.decoder)
+        if not changes:
+            return None
+        kwargs.update(changes)
         return args, kwargs
 
     def _start_prefill(self, state, args, kwargs) -> None:

@@ -3,8 +3,9 @@ a left-padded batch), the RoPE rows, the host-side counts and plans, and the Pre
 them for the length of its call.
 
 A layout is the current left-padded arrangement of a batch: for every slot [B, L] its source
-index in the prompt as given (src, for gathering RoPE rows), its position among the sample's
-real tokens (pos), and whether it is real, visual or a rater.
+index in the prompt as given (src: which token it is, or for a recycled token its cluster
+centre), its 1-D position id (pos: its index among the sample's real tokens in the prompt, or
+in this layout where positions are renumbered), and whether it is real, visual or a rater.
 
 The host keeps every row's token counts itself (HostCounts), so a pruning layer reads nothing
 back from the GPU in schedule mode; rank mode reads the rater rows P once.
@@ -86,8 +87,8 @@ class Plan:
             self.padded = bool((self.after.valid < self.width).any())
 
     def host(self) -> torch.Tensor:
-        """[3, B] int64 (keep, n_cand, n_clusters)."""
-        return torch.stack([self.keep, self.n_cand, self.n_clusters])
+        """[4, B] int64 (keep, n_cand, n_clusters, real tokens after)."""
+        return torch.stack([self.keep, self.n_cand, self.n_clusters, self.after.valid])
 
 
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -122,8 +123,10 @@ class Prefill:
     bool of the prompt; rope: its RoPE rows; counts: host counts of the current stage; stages:
     one per run of layers sharing a layout; steps: what each pruning layer did; plans: every
     pruning layer's counts when they are known at the start (schedule mode), with device_plans
-    [S, 3, B] their one upload; plane_of_dim: [D] the mRoPE plane of each head dim when the
-    layers get RoPE planes; scoring: the attention inputs of the pruning layer now running.
+    [S, 4, B] their one upload; plane_of_dim: [D] the mRoPE plane of each head dim when the
+    layers get RoPE planes; rank_slot: [B, L0] the prompt slot of each row's p-th real token
+    (-1 past its count), where positions are renumbered; scoring: the attention inputs of the
+    pruning layer now running.
     """
 
     ops: object
@@ -138,6 +141,7 @@ class Prefill:
     plans: list[Plan] = field(default_factory=list)
     device_plans: torch.Tensor | None = None
     plane_of_dim: torch.Tensor | None = None
+    rank_slot: torch.Tensor | None = None
     scoring: ScoringInputs | None = None
 
 

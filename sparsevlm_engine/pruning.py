@@ -1,5 +1,7 @@
 """The pruning pass of one prefill: raters before layer 0, then scoring, selection, recycling
 and compaction at the output of each pruning layer. Batched; each row is pruned on its own.
+With positions="renumber" the recycling places the merged tokens after the kept visual ones and
+the compaction renumbers the 1-D position ids (mRoPE models keep their 3-D ids).
 
 A pruning layer issues at most six device operations in schedule mode: the rater queries
 (gather, input_layernorm, q_proj, RoPE), the per-head relevance (row log-sum-exp included),
@@ -81,6 +83,8 @@ class Pruner:
         n_priority = math.floor(config.priority_head_fraction * dims.heads + 0.5)
         self.n_priority = max(1, n_priority) if config.priority_heads else None
         self.sections = sections
+        self.after_visual = config.positions == "renumber"  # the recycled tokens' placement
+        self.renumbers_ids = self.after_visual and sections is None  # mRoPE keeps its 3-D ids
 
     def start(self, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor, rope: Rope,
               mrope_ids: torch.Tensor | None = None, wrap_ops=None) -> Prefill:
@@ -112,6 +116,8 @@ class Pruner:
                 prefill.plans.append(self.plan(stage, counts))
                 counts = prefill.plans[-1].after
             prefill.device_plans = upload(torch.stack([p.host() for p in prefill.plans]), hidden.device)
+        if self.renumbers_ids:
+            prefill.rank_slot = ref.packed_slots(layout.valid, valid.shape[1])
         if rope.cos.dim() == 4 and self.sections is not None:
             prefill.plane_of_dim = torch.tensor(plane_of_dim(self.sections, self.head_dim), device=hidden.device)
         return prefill
@@ -224,23 +230,24 @@ class Pruner:
             rank = self._rank(ops.rater_rows(*args, weights, lse=lse, gravity=gravity), r_ok, counts)
             plan = self.plan(stage, counts, rank)
             counts_dev = upload(plan.host(), hidden.device)
-        keep, n_cand, n_clusters = counts_dev.unbind(0)
+        keep, n_cand, n_clusters, valid_after = counts_dev.unbind(0)
         recycles = plan.max_cand > 0
         selected = ops.select_step(head_rel, layout.valid, layout.visual, layout.rater, keep, n_cand, self.n_priority,
                                    plan.max_cand, None if recycles else plan.width)
-        record = StepRecord(layer=layer_index, pos=layout.pos, kept=selected.kept, rater_valid=r_ok,
+        record = StepRecord(layer=layer_index, src=layout.src, kept=selected.kept, rater_valid=r_ok,
                             valid_before=counts.valid, visual_before=counts.visual, keep=plan.keep,
                             n_cand=plan.n_cand)
         alive, order, merged, replace = selected.alive, selected.order, None, None
         if recycles:
             recycled = ops.recycle(hidden, selected.cand_idx, n_cand, n_clusters, plan.max_clusters, alive,
-                                   plan.width)
+                                   plan.width, visual=layout.visual if self.after_visual else None)
             alive, order, merged, replace = recycled.alive, recycled.order, recycled.merged, recycled.replace
             record.cand_idx, record.centres, record.assign = selected.cand_idx, recycled.centres, recycled.assign
         needs_mask = plan.padded or impl == "eager"  # else causality alone is the mask (sdpa's is_causal, flash)
         out = ops.compact(order, hidden, layout.src, layout.pos, alive, layout.visual, layout.rater, rope.cos,
                           rope.sin, rope.position_ids, merged, replace,
-                          mask=MASK_KIND.get(impl) if needs_mask else None, mask_dtype=hidden.dtype)
+                          mask=MASK_KIND.get(impl) if needs_mask else None, mask_dtype=hidden.dtype,
+                          renumber=(prefill.rank_slot, valid_after) if self.renumbers_ids else None)
         new = Layout(src=out.src, pos=out.pos, valid=out.valid, visual=out.visual, rater=out.rater)
         mask = (out.valid if out.mask is None else out.mask) if needs_mask else None
         next_stage = Stage(first_layer=layer_index + 1, layout=new, padded=plan.padded, mask=mask, cos=out.cos,

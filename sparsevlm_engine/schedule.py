@@ -5,11 +5,12 @@ import torch
 
 REFERENCE_DEPTH = 32
 REFERENCE_LAYERS = (2, 6, 15)
+V1_LAYERS = (2, 6, 15, 19)  # the authors' v1 code prunes a fourth time
 REFERENCE_VISUAL = 576
 
 # Visual tokens kept after layers 2 / 6 / 15 for 576 visual tokens, by budget.
 SCHEDULE_TABLES: dict[str, dict[int, tuple[int, int, int]]] = {
-    "v1.5": {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)},
+    "v1.5": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},
     "v2.0": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
 }
 
@@ -17,11 +18,12 @@ SCHEDULE_TABLES: dict[str, dict[int, tuple[int, int, int]]] = {
 RANK_COEFFICIENTS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
 
 
-def default_pruning_layers(depth: int) -> tuple[int, ...]:
-    """round(l * depth / 32) for l in (2, 6, 15), deduplicated, each >= 1 and < depth - 1."""
+def default_pruning_layers(depth: int, reference: tuple[int, ...] = REFERENCE_LAYERS) -> tuple[int, ...]:
+    """round(l * depth / 32) for l in reference ((2, 6, 15), or V1_LAYERS for v1), deduplicated,
+    each >= 1 and < depth - 1."""
     if depth < 3:
         raise ValueError(f"a decoder needs at least 3 layers to be pruned, got {depth}")
-    layers = sorted({min(max(1, round(l * depth / REFERENCE_DEPTH)), depth - 2) for l in REFERENCE_LAYERS})
+    layers = sorted({min(max(1, round(l * depth / REFERENCE_DEPTH)), depth - 2) for l in reference})
     return tuple(layers)
 
 

@@ -35,13 +35,15 @@ class PrunedCache:
     length: prompt slots of the prefill (the cache length of layer 0 after it); stage_valid: per
     stage, the validity [B, Ls] of the layout its layers cached (None for stage 0, the prompt
     as given); stage_padded: per stage, whether some row of that layout is padded; layer_stage:
-    the stage of every decoder layer.
+    the stage of every decoder layer; stage_shift: [S - 1, B, 1] what a generated token's position
+    id drops by at the layers of each stage after the first (renumbered positions), or None.
     """
 
     length: int
     stage_valid: tuple[torch.Tensor | None, ...]
     stage_padded: tuple[bool, ...]
     layer_stage: tuple[int, ...]
+    stage_shift: torch.Tensor | None
 
 
 def pruned_record(cache) -> PrunedCache | None:
@@ -69,13 +71,15 @@ class PrefillRequest:
 @dataclass
 class DecodeStep:
     """One call that extends a pruned cache: its 2-D attention mask [B, past + Q] (or None), the
-    query length, and the decode mask of each stage, built once per call where needed."""
+    query length, the decode mask of each stage and, with renumbered positions, the (position_ids
+    [B, Q], cos, sin [B, Q, Dr]) of each stage after the first, built once per call where needed."""
 
     pruned: PrunedCache
     attention_mask: torch.Tensor | None
     past: int
     query_length: int
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    rope: list | None = None
     _generated: torch.Tensor | None = None
 
     def generated(self, like: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """What one sparse prefill did, per sample: raters, kept and recycled tokens, counts, FLOPs;
 and how it is built from what the prefill recorded on the device (read back on first access).
 
-Positions are indices into the sample's own tokens with padding removed (0 = its first real
-token): the RoPE position id the model gives them for 1-D RoPE (LLaVA). Under mRoPE (Qwen2-VL)
-a token's 3-D id is the model's own for that index, kept through pruning.
+Tokens are named by their position in the prompt: the index into the sample's own tokens with
+padding removed (0 = its first real token), the RoPE position id the model gives them for 1-D
+RoPE (LLaVA); a recycled token by its cluster centre's. The position ids the layers of each
+stage actually gave the tokens are in SampleTrace.stages: the same as the prompt's with
+positions="original", renumbered 0 .. L'-1 with "renumber" (1-D RoPE); under mRoPE (Qwen2-VL)
+the model's own 3-D ids, kept through pruning in both modes.
 """
 from __future__ import annotations
 
@@ -44,6 +47,17 @@ class PruningRecord:
 
 
 @dataclass(frozen=True)
+class StagePositions:
+    """The tokens of one stage (layers first_layer.. until the next pruning) in sequence order,
+    named by prompt position (tokens), and the position id each had in those layers: an int
+    (1-D RoPE) or a (t, h, w) tuple (mRoPE)."""
+
+    first_layer: int
+    tokens: tuple[int, ...]
+    position_ids: tuple
+
+
+@dataclass(frozen=True)
 class SampleTrace:
     """One sample of a sparse prefill.
 
@@ -51,8 +65,9 @@ class SampleTrace:
     equivalent_tokens_entering: mean over layers of visual_entering (this project's convention).
     equivalent_tokens_after: mean over layers of the visual tokens leaving each layer (the
         authors' log).
-    final_positions: the position of every real token in the decoder's final (compacted)
-        output, left to right; logits[b, -len(final_positions):] belong to them.
+    final_positions: the prompt position of every real token in the decoder's final
+        (compacted) output, left to right; logits[b, -len(final_positions):] belong to them.
+    stages: per stage (the prompt's first), its tokens and the position ids they had.
     """
 
     length: int
@@ -62,6 +77,7 @@ class SampleTrace:
     visual_entering: tuple[int, ...]
     final_positions: tuple[int, ...]
     flops: FlopsReport
+    stages: tuple[StagePositions, ...] = ()
 
     @property
     def n_visual(self) -> int:
@@ -114,14 +130,14 @@ class Trace:
 class StepRecord:
     """What one pruning layer did, kept as device tensors until the trace is read.
 
-    pos, kept: [B, L] positions of the slots before pruning, and which visual slots survive;
+    src, kept: [B, L] prompt slots of the slots before pruning, and which visual slots survive;
     rater_valid: [B, R]; valid_before, visual_before, keep, n_cand: host int64 [B] counts;
     cand_idx: [B, N] slots of the recycling candidates; centres: [B, C] indices into cand_idx;
     assign: [B, N] cluster of each candidate (all None without recycling).
     """
 
     layer: int
-    pos: torch.Tensor
+    src: torch.Tensor
     kept: torch.Tensor
     rater_valid: torch.Tensor
     valid_before: torch.Tensor
@@ -132,11 +148,13 @@ class StepRecord:
     centres: torch.Tensor | None = None
     assign: torch.Tensor | None = None
 
-    def records(self) -> list[PruningRecord]:
-        kept_pos = self.pos.masked_fill(~self.kept, -1).tolist()
+    def records(self, prompt_pos: torch.Tensor) -> list[PruningRecord]:
+        """One PruningRecord per row; prompt_pos: [B, L0] the prompt's positions."""
+        pos = prompt_pos.gather(1, self.src)
+        kept_pos = pos.masked_fill(~self.kept, -1).tolist()
         recycled = [[] for _ in kept_pos]
         if self.cand_idx is not None:
-            cand_pos = self.pos.gather(1, self.cand_idx.clamp(min=0)).tolist()
+            cand_pos = pos.gather(1, self.cand_idx.clamp(min=0)).tolist()
             for b, (centres, assign) in enumerate(zip(self.centres.tolist(), self.assign.tolist())):
                 members = {c: [] for c in range(len(centres)) if centres[c] >= 0}
                 for i, cluster in enumerate(assign):
@@ -167,27 +185,53 @@ class TraceShape:
 
 
 @dataclass
+class StageRecord:
+    """One stage's layout as the trace needs it: its first layer, and src, valid, pos [B, Ls]."""
+
+    first_layer: int
+    src: torch.Tensor
+    valid: torch.Tensor
+    pos: torch.Tensor
+
+
+def _stage_positions(stage: StageRecord, prompt_pos: torch.Tensor, mrope_ids: torch.Tensor | None) -> list:
+    """Per row, the StagePositions of a stage; mrope_ids: [3, B, L0] the prompt's 3-D ids or None."""
+    tokens = prompt_pos.gather(1, stage.src).tolist()
+    if mrope_ids is None:
+        ids = stage.pos.tolist()
+    else:
+        planes = mrope_ids.gather(2, stage.src.expand(3, -1, -1)).tolist()
+        ids = [list(zip(*(plane[b] for plane in planes))) for b in range(len(tokens))]
+    valid = stage.valid.tolist()
+    return [StagePositions(first_layer=stage.first_layer,
+                           tokens=tuple(t for t, ok in zip(tokens[b], valid[b]) if ok),
+                           position_ids=tuple(p for p, ok in zip(ids[b], valid[b]) if ok))
+            for b in range(len(tokens))]
+
+
+@dataclass
 class PrefillRecord:
     """What a finished sparse prefill leaves for its trace (no cache, mask or RoPE row).
 
-    valid, visual: [B, L0] bool of the prompt; first_pos: [B, L0] positions; raters: [B, L0]
-    bool; final_pos, final_valid: [B, Lf] of the compacted output; steps: one per pruning layer.
+    valid, visual: [B, L0] bool of the prompt; raters: [B, L0] bool; stages: every stage's
+    layout, the prompt's first (its pos are the prompt positions); steps: one per pruning layer;
+    mrope_ids: [3, B, L0] the prompt's 3-D position ids (mRoPE models) or None.
     """
 
     valid: torch.Tensor
     visual: torch.Tensor
-    first_pos: torch.Tensor
     raters: torch.Tensor
-    final_pos: torch.Tensor
-    final_valid: torch.Tensor
+    stages: list[StageRecord]
     steps: list[StepRecord]
+    mrope_ids: torch.Tensor | None = None
 
     def build(self, shape: TraceShape) -> Trace:
-        per_step = [step.records() for step in self.steps]
+        prompt_pos = self.stages[0].pos
+        per_step = [step.records(prompt_pos) for step in self.steps]
         step_flops = [step.flops(shape.dims, shape.rank_mode) for step in self.steps]
+        per_stage = [_stage_positions(stage, prompt_pos, self.mrope_ids) for stage in self.stages]
         valid, visual = self.valid.tolist(), self.visual.tolist()
-        positions, raters = self.first_pos.tolist(), self.raters.tolist()
-        final_pos, final_valid = self.final_pos.tolist(), self.final_valid.tolist()
+        positions, raters = prompt_pos.tolist(), self.raters.tolist()
         samples = []
         for b in range(len(valid)):
             length = sum(valid[b])
@@ -204,30 +248,35 @@ class PrefillRecord:
                 length=length, visual_positions=visual_positions,
                 rater_positions=tuple(p for p, r in zip(positions[b], raters[b]) if r),
                 pruning=tuple(records), visual_entering=tuple(entering),
-                final_positions=tuple(p for p, ok in zip(final_pos[b], final_valid[b]) if ok),
-                flops=prefill_flops(length, entering, shape.dims, pruning)))
+                final_positions=per_stage[-1][b].tokens, flops=prefill_flops(length, entering, shape.dims, pruning),
+                stages=tuple(stage[b] for stage in per_stage)))
         return Trace(samples=samples, pruning_layers=shape.pruning_layers, depth=shape.depth)
 
 
 @dataclass
 class DenseRecord:
-    """A prefill that pruned nothing. valid, visual: [B, L] bool."""
+    """A prefill that pruned nothing. valid, visual: [B, L] bool; mrope_ids: [3, B, L] or None."""
 
     valid: torch.Tensor
     visual: torch.Tensor
+    mrope_ids: torch.Tensor | None = None
 
     def build(self, shape: TraceShape) -> Trace:
+        pos = (self.valid.long().cumsum(1) - 1).clamp(min=0)
+        slots = torch.arange(self.valid.shape[1], device=self.valid.device).expand_as(pos)
+        stage = StageRecord(first_layer=0, src=slots, valid=self.valid, pos=pos)
+        positions = _stage_positions(stage, pos, self.mrope_ids)
         samples = []
         for b in range(self.valid.shape[0]):
             valid = self.valid[b]
             length = int(valid.sum())
-            pos = (valid.long().cumsum(0) - 1).tolist()
-            visual_positions = tuple(p for p, v, ok in zip(pos, self.visual[b].tolist(), valid.tolist()) if v and ok)
+            visual_positions = tuple(p for p, v, ok in zip(pos[b].tolist(), self.visual[b].tolist(), valid.tolist())
+                                     if v and ok)
             entering = (len(visual_positions),) * shape.depth
             samples.append(SampleTrace(
                 length=length, visual_positions=visual_positions, rater_positions=(), pruning=(),
                 visual_entering=entering, final_positions=tuple(range(length)),
-                flops=prefill_flops(length, entering, shape.dims, 0.0)))
+                flops=prefill_flops(length, entering, shape.dims, 0.0), stages=(positions[b],)))
         return Trace(samples=samples, pruning_layers=shape.pruning_layers, depth=shape.depth)
 
 

@@ -157,6 +157,7 @@ def _generate(model, image, *extra):
     ("unknown-preset", "unknown preset 'v9'"),
     ("demo-budget-zero", "budget must be > 0"),
     ("demo-unknown-preset", "unknown preset 'v3'"),
+    ("demo-unknown-positions", "invalid choice: 'kept'"),
     ("budget-not-int", "invalid int value"),
     ("zero-new-tokens", "--max-new-tokens must be >= 1"),
     ("zero-repeats", "--repeats must be >= 1"),
@@ -196,6 +197,7 @@ def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file
         "unknown-preset": _generate(fake_model_dir, image_file, "--preset", "v9"),
         "demo-budget-zero": ["demo", "--budget", "0"],
         "demo-unknown-preset": ["demo", "--preset", "v3"],
+        "demo-unknown-positions": ["demo", "--positions", "kept"],
         "budget-not-int": ["demo", "--budget", "lots"],
         "zero-new-tokens": _generate(fake_model_dir, image_file, "--max-new-tokens", "0"),
         "zero-repeats": ["demo", "--repeats", "0"],
@@ -305,11 +307,18 @@ def test_out_check_leaves_no_folder_behind(fake_model_dir, image_file, tmp_path,
     assert not (tmp_path / "new").exists()
 
 
+def test_generate_takes_the_position_mode(small_checkpoint, image_file, tmp_path, capsys):
+    code, out, err = run_cli(_generate_small(small_checkpoint, image_file, tmp_path, "--prompt", "what?",
+                                             "--positions", "original"), capsys)
+    assert code == 0, err
+    assert "preset v1.5, budget 128; pruning layers: 1, 2; positions original" in out
+
+
 def test_generate_rank_preset_takes_coefficients_for_any_budget(small_checkpoint, image_file, tmp_path, capsys):
     code, out, err = run_cli(_generate_small(small_checkpoint, image_file, tmp_path, "--prompt", "what?", "--preset",
                                              "v1", "--budget", "100", "--rank-scale", "2", "--rank-bias", "1"), capsys)
     assert code == 0, err
-    assert "preset v1, budget 100; pruning layers: 1, 2" in out
+    assert "preset v1, budget 100; pruning layers: 1, 2" in out and "; positions renumber" in out
     assert re.search(r"visual tokens 576 -> \d+ \(after layer 1\)", out)
     assert (tmp_path / "out" / cli.PNG_NAME).is_file()
 

@@ -9,7 +9,7 @@ import torch
 
 import sparsevlm_engine as sve
 from sparsevlm_engine.accounting import DecoderDims, layer_flops_exact, layer_macs_paper, prefill_flops
-from sparsevlm_engine.schedule import (SCHEDULE_TABLES, default_pruning_layers, derive_schedule,
+from sparsevlm_engine.schedule import (SCHEDULE_TABLES, V1_LAYERS, default_pruning_layers, derive_schedule,
                                        layer_averaged_tokens, scale_count, schedule_counts)
 from tiny import llava_prompts, tiny_llava
 
@@ -85,6 +85,37 @@ def test_default_pruning_layers():
     assert default_pruning_layers(32) == (2, 6, 15)
     assert default_pruning_layers(8) == (1, 2, 4)
     assert default_pruning_layers(40) == (2, 8, 19)
+    assert default_pruning_layers(32, V1_LAYERS) == (2, 6, 15, 19)
+    assert default_pruning_layers(8, V1_LAYERS) == (1, 2, 4, 5)
+
+
+def test_v1_prunes_at_four_layers_by_default():
+    assert sve.SparseVLMConfig.v1_rank(128).reference_layers == (2, 6, 15, 19)
+    assert sve.SparseVLMConfig.v1_5(128).reference_layers == sve.SparseVLMConfig.v2(128).reference_layers == (2, 6, 15)
+    model = tiny_llava("sdpa", layers=32)
+    sve.sparsify(model, sve.SparseVLMConfig.v1_rank(128))
+    with torch.no_grad():
+        model(**llava_prompts(before=(3,), after=(5,)))
+    assert [r.layer for r in sve.last_trace(model).samples[0].pruning] == [2, 6, 15, 19]
+    sve.unsparsify(model)
+
+
+def test_position_modes_follow_the_presets():
+    assert sve.SparseVLMConfig.v1_rank(128).positions == "renumber"
+    assert sve.SparseVLMConfig.v1_5(128).positions == "renumber"
+    assert sve.SparseVLMConfig.v2(128).positions == "original"
+    assert sve.SparseVLMConfig().positions == "renumber"  # the v1.5 schedule
+    assert sve.SparseVLMConfig(schedule="v2.0").positions == "original"
+    assert sve.SparseVLMConfig.v2(128, positions="renumber").positions == "renumber"
+    assert sve.SparseVLMConfig.v1_5(128, positions="original").positions == "original"
+    for bad in ("renumbered", 1, True):
+        with pytest.raises(ValueError, match="positions must be one of"):
+            sve.SparseVLMConfig(positions=bad)
+
+
+def test_v1_5_has_the_budget_96_counts_of_the_v2_0_codes_v1_5_mode():
+    assert SCHEDULE_TABLES["v1.5"][96] == (238, 48, 26)
+    assert derive_schedule(96, "v1.5") == (238, 48, 26)
     with pytest.raises(ValueError):
         default_pruning_layers(2)
 

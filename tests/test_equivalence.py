@@ -44,7 +44,7 @@ def _real_rows(logits, trace):
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_pruned_equals_masked_dense(family, impl, preset):
     model, inputs = _setup(family, impl)
-    config = getattr(sve.SparseVLMConfig, preset)(128, recycling=False)
+    config = getattr(sve.SparseVLMConfig, preset)(128, recycling=False, positions="original")
     logits, trace, generated = _sparse_run(model, inputs, config)
     assert all(s.pruning and s.pruning[-1].visual_after < s.n_visual for s in trace.samples)
     dense_logits, dense_generated = masked_dense(model, inputs, trace, impl, NEW_TOKENS)
@@ -64,11 +64,12 @@ def test_masking_is_what_changes_the_output(family):
     assert (_real_rows(logits, trace) - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("positions", ["renumber", "original"])
 @pytest.mark.parametrize("recycling", [False, True])
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
-def test_batch_rows_match_single_runs(family, recycling):
+def test_batch_rows_match_single_runs(family, recycling, positions):
     model, inputs = _setup(family, "sdpa")
-    config = sve.SparseVLMConfig.v1_5(128, recycling=recycling)
+    config = sve.SparseVLMConfig.v1_5(128, recycling=recycling, positions=positions)
     logits, trace, generated = _sparse_run(model, inputs, config)
     for b in range(inputs["input_ids"].shape[0]):
         real = inputs["attention_mask"][b].bool()
@@ -81,6 +82,7 @@ def test_batch_rows_match_single_runs(family, recycling):
         one_logits, one_trace, one_generated = _sparse_run(model, single, config)
         assert one_trace.samples[0].pruning == trace.samples[b].pruning
         assert one_trace.samples[0].rater_positions == trace.samples[b].rater_positions
+        assert one_trace.samples[0].stages == trace.samples[b].stages
         n = len(trace.samples[b].final_positions)
         torch.testing.assert_close(one_logits[0, -n:], logits[b, -n:], atol=ATOL, rtol=1e-5)
         assert torch.equal(one_generated[0, -NEW_TOKENS:], generated[b, -NEW_TOKENS:])
@@ -96,7 +98,7 @@ def test_two_images_per_prompt_equal_masked_dense(family):
         model = tiny_llava_next("sdpa", seed=2)
         sizes = [[28, 56], [56, 56], [56, 28], [28, 28]]
         inputs, counts = llava_next_prompts(model, sizes, before=(3, 6), after=(5, 2), images_per_prompt=2)
-    logits, trace, generated = _sparse_run(model, inputs, sve.SparseVLMConfig.v2(128))
+    logits, trace, generated = _sparse_run(model, inputs, sve.SparseVLMConfig.v2(128, positions="original"))
     assert [s.n_visual for s in trace.samples] == [counts[0] + counts[1], counts[2] + counts[3]]
     dense_logits, dense_generated = masked_dense(model, inputs, trace, "sdpa", NEW_TOKENS)
     expected = gather_final_logits(dense_logits, trace, inputs["attention_mask"])

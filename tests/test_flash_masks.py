@@ -44,7 +44,7 @@ def test_flash_path_equals_masked_dense(flash_like):
     model = tiny_llava("sdpa")
     inputs = llava_prompts(before=(3, 6, 1), after=(5, 9, 7))
     _use(model, "flash_attention_2")
-    sve.sparsify(model, sve.SparseVLMConfig.v1_5(128, recycling=False))
+    sve.sparsify(model, sve.SparseVLMConfig.v1_5(128, recycling=False, positions="original"))
     with torch.no_grad():
         logits = model(**inputs).logits
         generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -67,3 +67,27 @@ def test_stand_in_matches_sdpa_on_the_dense_model(flash_like):
         flash = model(**inputs).logits
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(flash[real], reference[real], atol=2e-5, rtol=1e-5)
+
+
+def test_renumbered_positions_run_the_same_on_every_attention(flash_like):
+    """positions="renumber" (the v1.5 default) on eager, sdpa and the flash path: the same kept
+    tokens, logits and generated tokens on a left-padded batch."""
+    model = tiny_llava("sdpa")
+    inputs = llava_prompts(before=(3, 6, 1), after=(5, 9, 7))
+    runs = {}
+    for impl in ("eager", "sdpa", "flash_attention_2"):
+        _use(model, impl)
+        sve.sparsify(model, sve.SparseVLMConfig.v1_5(128))
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        runs[impl] = logits, generated, sve.last_trace(model)
+        sve.unsparsify(model)
+    _use(model, "sdpa")
+    logits, generated, trace = runs["sdpa"]
+    assert all(any(r.recycled for r in s.pruning) for s in trace.samples)
+    for impl in ("eager", "flash_attention_2"):
+        other_logits, other_generated, other_trace = runs[impl]
+        assert [s.stages for s in other_trace.samples] == [s.stages for s in trace.samples]
+        torch.testing.assert_close(other_logits[:, -1], logits[:, -1], atol=2e-5, rtol=1e-5)
+        assert torch.equal(other_generated, generated)

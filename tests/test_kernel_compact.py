@@ -131,6 +131,93 @@ def test_one_launch_and_no_torch_op(with_merged, mask):
                                                mask_dtype=torch.float16))
 
 
+def renumber_case(args, seed=0, nvalid_view="row"):
+    """renumber = (rank_slot [B, L0], n_valid [B]) for compact_case's inputs: n_valid the rows'
+    alive counts (merged, left-padded rows of different lengths), rank_slot each row's real
+    prompt slots ascending, -1 past its count; row 1's count is below its n_valid (positions past
+    it read rank_slot's -1, clamped to slot 0), row 0's covers every prompt slot. n_valid comes as
+    a strided view: a row of a [4, B] tensor ("row") or a column of a [B, 4] one ("column")."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    alive, cos = args[4], args[7]
+    batch, length0 = alive.shape[0], cos.shape[-2]
+    n_valid = alive.sum(1)
+    assert len(set(n_valid.tolist())) == batch  # rows of different lengths
+    real = torch.rand(batch, length0, generator=gen) < 0.7
+    real[0] = True
+    real[1] = False
+    real[1, torch.randperm(length0, generator=gen)[: int(n_valid[1]) - 2]] = True
+    rank_slot = ref.packed_slots(real, length0)
+    if nvalid_view == "row":
+        table = torch.zeros(4, batch, dtype=torch.int64)
+        table[2] = n_valid
+        n_valid = table[2]  # a storage offset
+    else:
+        table = torch.zeros(batch, 4, dtype=torch.int32)
+        table[:, 1] = n_valid
+        n_valid = table[:, 1]  # stride 4
+    return strided(rank_slot), n_valid
+
+
+@pytest.mark.parametrize("nvalid_view", ["row", "column"])
+@pytest.mark.parametrize("rope,pid", [("1d", True), ("1d", False), ("3plane", True), ("3plane", False)],
+                         ids=["rope-1d", "rope-1d-no-pid", "rope-3plane", "rope-3plane-no-pid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_compact_renumber_matches_reference(poisoned, dtype, rope, pid, nvalid_view):
+    args = compact_case(dtype, rope=rope, pid=pid, seed=11)
+    renumber = renumber_case(args, nvalid_view=nvalid_view)
+    assert not renumber[0].is_contiguous() and (renumber[1].storage_offset() or renumber[1].stride(0) > 1)
+    kwargs = dict(mask="bool")
+    got = compact(*on_device(args), **kwargs, renumber=on_device(renumber))
+    expected = reference_compact.compact(*args, **kwargs, renumber=renumber)
+    assert_same(got, expected)
+    # what renumbering means: pos is the rank among the row's real slots, RoPE / ids follow rank_slot
+    plain = reference_compact.compact(*args, **kwargs)
+    for name in ("hidden", "src", "valid", "visual", "rater", "mask"):
+        assert torch.equal(getattr(got, name).cpu(), getattr(plain, name)), name
+    rank_slot, n_valid = renumber
+    width = args[0].shape[1]
+    for b in range(args[0].shape[0]):
+        pad = width - int(n_valid[b])
+        assert got.pos[b].tolist() == [max(w - pad, 0) for w in range(width)]
+        index = rank_slot[b, got.pos[b].cpu()].clamp(min=0)
+        cos_rows = args[7][..., b, :, :][..., index, :]
+        out_cos = got.cos[..., b, :, :].cpu()
+        assert torch.equal(out_cos, cos_rows)
+        if pid:
+            assert torch.equal(got.position_ids[..., b, :].cpu(), args[9][..., b, :][..., index])
+    assert (rank_slot[1, got.pos[1].cpu()] == -1).any()  # row 1 reads past its count: clamped to slot 0
+
+
+@pytest.mark.parametrize("mask", [None, "additive"])
+def test_compact_renumber_is_one_launch_and_no_torch_op(mask):
+    args = compact_case(torch.float16, rope="3plane", seed=11)
+    renumber = renumber_case(args)
+    with count_device_ops() as ops:
+        out = compact(*on_device(args), mask=mask, mask_dtype=torch.float16, renumber=on_device(renumber))
+    assert dict(ops.launches) == {"_compact_kernel": 1}, str(ops)
+    assert not ops.torch_ops and ops.host_reads == 0, str(ops)
+    assert_same(out, reference_compact.compact(*args, mask=mask, mask_dtype=torch.float16, renumber=renumber))
+
+
+def test_compact_names_a_bad_renumber():
+    args = on_device(compact_case(torch.float32, seed=11))
+    rank_slot, n_valid = on_device(renumber_case(compact_case(torch.float32, seed=11)))
+    bad = [
+        ((rank_slot[:, :-1], n_valid), r"renumber rank_slot has shape \[3, 46\], expected \[3, 47\]"),
+        ((rank_slot[:2], n_valid), r"renumber rank_slot has shape \[2, 47\]"),
+        ((rank_slot, n_valid[:2]), r"renumber n_valid has shape \[2\], expected \[3\]"),
+        ((rank_slot, n_valid[:, None]), r"renumber n_valid has shape \[3, 1\]"),
+        ((rank_slot.float(), n_valid), "renumber rank_slot must be an integer tensor, got torch.float32"),
+        ((rank_slot, n_valid.float()), "renumber n_valid must be an integer tensor, got torch.float32"),
+        ((rank_slot, n_valid > 0), "renumber n_valid must be an integer tensor, got torch.bool"),
+        ((rank_slot,), r"renumber must be a \(rank_slot, n_valid\) pair"),
+        (rank_slot, r"renumber must be a \(rank_slot, n_valid\) pair"),
+    ]
+    for renumber, message in bad:
+        with pytest.raises(ValueError, match="compact: " + message):
+            compact(*args, renumber=renumber)
+
+
 def test_empty_layout_launches_nothing():
     args = on_device(compact_case(torch.float32))
     args[0] = args[0][:, :0]

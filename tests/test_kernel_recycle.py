@@ -192,6 +192,181 @@ def test_recycle_is_two_launches_and_no_torch_op():
     assert not ops.torch_ops and ops.host_reads == 0, str(ops)
 
 
+def visual_batch(n_cand, n_clusters, n_slots, length, dim, dtype, spans, seed=0, slack=1, keep=0.3):
+    """Prompt-like rows: spans[b] = (pad, v0, v1): slots < pad are left padding (dead, not
+    visual), [v0, v1) the image (visual), the rest text (alive; text after the image where
+    v1 < L). The candidates are a random ascending subset of the image, a share `keep` of its
+    other slots stays alive, at least one (keep = 0 for a row: no alive visual slot). Returns the inputs of
+    `recycle` (width = the largest alive count after recycling + slack, at most L) and visual."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(n_cand)
+    hidden = torch.randn(batch, length, dim, generator=gen).to(dtype)
+    cand_idx = torch.full((batch, n_slots), -1, dtype=torch.int64)
+    alive = torch.zeros(batch, length, dtype=torch.bool)
+    visual = torch.zeros(batch, length, dtype=torch.bool)
+    keeps = keep if isinstance(keep, (list, tuple)) else [keep] * batch
+    for b, ((pad, v0, v1), n) in enumerate(zip(spans, n_cand)):
+        assert pad <= v0 <= v1 <= length and n <= v1 - v0
+        alive[b, pad:] = True
+        visual[b, v0:v1] = True
+        image = v0 + torch.randperm(v1 - v0, generator=gen)
+        cand_idx[b, :n] = image[:n].sort().values
+        cand_idx[b, n:n + 1] = 10 * length  # garbage the kernel must ignore
+        alive[b, v0:v1] = False
+        rest = image[n:]
+        alive[b, rest[torch.rand(len(rest), generator=gen) < keeps[b]]] = True
+        alive[b, rest[:1 if keeps[b] else 0]] = True  # at least one kept visual slot
+    counts = alive.sum(1) + torch.tensor([min(n, k) if n else 0 for n, k in zip(n_cand, n_clusters)])
+    width = min(length, int(counts.max()) + slack)
+    visual = visual.t().contiguous().t()  # strides (1, B): read as given
+    return (hidden.to(DEVICE), cand_idx.to(DEVICE), torch.tensor(n_cand, dtype=torch.int32, device=DEVICE),
+            torch.tensor(n_clusters, dtype=torch.int64, device=DEVICE), alive.to(DEVICE), width, visual.to(DEVICE))
+
+
+def check_visual_order(hidden, cand_idx, n_cand, n_clusters, alive, visual, got):
+    """What order means with visual, independently of the reference module: each row's alive
+    slots right-aligned after its last dead slots, the non-centre ones in slot order, the
+    centres (by `reference.ranked_dpc_knn` score rank) right after the last input-alive visual slot."""
+    width = got.order.shape[1]
+    for b in range(hidden.shape[0]):
+        n, k = int(n_cand[b]), int(n_clusters[b])
+        centre_slots = []
+        if n:
+            x = hidden[b, cand_idx[b, :n].long()]
+            centres, _, rank = ref.ranked_dpc_knn(x, k)
+            centre_slots = cand_idx[b, centres[rank.argsort()]].tolist()  # highest score first
+        base = (alive[b] & got.alive[b]).nonzero()[:, 0].tolist()
+        kept_visual = (alive[b] & visual[b]).nonzero()[:, 0]
+        assert len(kept_visual) or not n, f"row {b}: recycles without an alive visual slot"
+        last = int(kept_visual[-1]) if len(kept_visual) else -1
+        before = [slot for slot in base if slot <= last]
+        want = before + centre_slots + [slot for slot in base if slot > last]
+        row = got.order[b].tolist()
+        assert row[width - len(want):] == want, f"row {b}"
+        dead = (~got.alive[b]).nonzero()[:, 0].tolist()
+        assert row[:width - len(want)] == dead[len(dead) - (width - len(want)):], f"row {b}"
+
+
+VISUAL_CASES = [
+    # (n_cand, n_clusters, N, L, d, C, spans (pad, v0, v1) per row, slack): text after the image,
+    # left padding, rows with n_cand = 0 and 1, an image at the very end / start, a wider layout
+    pytest.param([20, 0, 1, 12], [5, 3, 1, 4], 20, 48, 37, 6,
+                 [(0, 4, 30), (10, 14, 40), (5, 8, 20), (3, 20, 48)], 0, id="B4-N20-d37-tight"),
+    pytest.param([13, 7, 9], [13, 2, 1], 13, 40, 96, 13, [(2, 3, 25), (0, 0, 20), (6, 10, 30)], 4,
+                 id="B3-N13-d96-wider"),
+    pytest.param([61, 40], [9, 16], 61, 100, 37, 16, [(0, 10, 90), (15, 20, 75)], 1, id="B2-N61-d37"),
+    # more than one block of centres (128), merge blocks, L blocks; centre ranks in several blocks
+    pytest.param([150, 90], [130, 20], 150, 220, 70, 130, [(0, 5, 200), (20, 30, 210)], 2, id="B2-N150-C130-d70"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n_cand, n_clusters, n_slots, length, dim, width, spans, slack", VISUAL_CASES)
+def test_recycle_with_visual_matches_reference(poisoned, n_cand, n_clusters, n_slots, length, dim, width, spans,
+                                               slack, dtype):
+    hidden, cand_idx, nc, ncl, alive, new_width, visual = visual_batch(n_cand, n_clusters, n_slots, length, dim,
+                                                                       dtype, spans, slack=slack)
+    assert not visual.is_contiguous()
+    got = recycle(hidden, cand_idx, nc, ncl, width, alive, new_width, visual)
+    check(got, reference_recycle.recycle(hidden, cand_idx, nc, ncl, width, alive, new_width, visual), dtype)
+    check_visual_order(hidden, cand_idx, nc, ncl, alive, visual, got)
+    plain = recycle(hidden, cand_idx, nc, ncl, width, alive, new_width)
+    for name in Recycled._fields[:-1]:  # visual changes the order only
+        assert torch.equal(getattr(got, name), getattr(plain, name)), name
+    assert not torch.equal(got.order, plain.order)
+
+
+def test_recycle_with_visual_row_without_alive_visual_slot(poisoned):
+    """A recycling row with no alive visual slot (callers never make one): the kernel still matches
+    the reference, which sorts the centres by rank among the slot keys, and stays inside order."""
+    hidden, cand_idx, nc, ncl, alive, width, visual = visual_batch(
+        [9, 6, 5], [3, 2, 2], 9, 30, 24, torch.float32, [(2, 4, 20), (0, 0, 12), (0, 3, 20)], keep=[0.3, 0.0, 0.0])
+    assert not (alive & visual)[1:].any() and bool(alive[1, 20])
+    assert bool(alive[2, 0]) and not visual[2, 0]  # row 2: text at slot 0 (its key ties the first centre's)
+    got = recycle(hidden, cand_idx, nc, ncl, 3, alive, width, visual)
+    check(got, reference_recycle.recycle(hidden, cand_idx, nc, ncl, 3, alive, width, visual), torch.float32)
+    for b, first in ((1, 0), (2, 1)):  # row 1: the centres come first; row 2: slot 0, then the centres
+        start = width - int(got.alive[b].sum())
+        centres = set((got.replace[b] >= 0).nonzero()[:, 0].tolist())
+        assert len(centres) == 2 and set(got.order[b, start + first:start + first + 2].tolist()) == centres, b
+    assert int(got.order[2, start]) == 0
+
+
+def test_recycle_with_visual_hand_checked_order(poisoned):
+    """L = 12, slots 0-1 padding, 2-8 the image, 9-11 text. Candidates hold 1-D points
+    [0.0, 0.3, 5.0, 5.1, 5.2]: with 2 clusters the centres are candidates 0 and 2, candidate 2
+    (the densest, delta = the largest distance) scoring highest. Row 0: candidates at slots
+    3, 4, 6, 7, 8 and kept visual slots 2, 5: the recycled tokens (slots 6 then 3) follow slot 5.
+    Row 1: candidates at 2-6, kept visual 7, 8: the recycled tokens (slots 4 then 2) follow slot 8,
+    before the text. Row 2 recycles nothing: slot order."""
+    length, dim = 12, 4
+    points = torch.tensor([0.0, 0.3, 5.0, 5.1, 5.2])
+    cand = torch.tensor([[3, 4, 6, 7, 8], [2, 3, 4, 5, 6], [-1] * 5])
+    hidden = torch.zeros(3, length, dim)
+    alive = torch.zeros(3, length, dtype=torch.bool)
+    visual = torch.zeros(3, length, dtype=torch.bool)
+    visual[:, 2:9] = True
+    alive[:, 9:] = True
+    for b in range(2):
+        hidden[b, cand[b], 0] = points
+    alive[0, [2, 5]] = True
+    alive[1, [7, 8]] = True
+    alive[2, [5, 6]] = True
+    args = (hidden.to(DEVICE), cand.to(DEVICE), torch.tensor([5, 5, 0], device=DEVICE),
+            torch.tensor([2, 2, 1], device=DEVICE), 2, alive.to(DEVICE), 8)
+    got = recycle(*args, visual.to(DEVICE))
+    assert got.centres.tolist() == [[0, 2], [0, 2], [-1, -1]]
+    assert got.order.tolist() == [[8, 2, 5, 6, 3, 9, 10, 11],
+                                  [6, 7, 8, 4, 2, 9, 10, 11],
+                                  [4, 7, 8, 5, 6, 9, 10, 11]]
+    assert recycle(*args).order.tolist() == [[8, 2, 3, 5, 6, 9, 10, 11],  # without visual: slot order
+                                             [6, 2, 4, 7, 8, 9, 10, 11],
+                                             [4, 7, 8, 5, 6, 9, 10, 11]]
+    assert torch.equal(got.order, reference_recycle.recycle(*args, visual.to(DEVICE)).order)
+
+
+def test_recycle_with_visual_score_ties_go_to_the_lower_candidate(poisoned):
+    """Candidates at slots 1-3, 5-7 hold the points [0, 0, 0, 5, 5, 5] (exact distances): every
+    density ties, candidates 0 and 3 get delta 2.5 and the duplicates delta 0, so the 4 centres
+    are 0, 3 and the zero scores 1, 2 (ties to the lower index), placed in that order after the
+    kept visual slot 4."""
+    hidden = torch.zeros(1, 10, 4)
+    cand = torch.tensor([[1, 2, 3, 5, 6, 7]])
+    hidden[0, cand[0], 0] = torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0, 5.0])
+    alive = torch.zeros(1, 10, dtype=torch.bool)
+    alive[0, [4, 8, 9]] = True
+    visual = torch.zeros(1, 10, dtype=torch.bool)
+    visual[0, 1:8] = True
+    args = (hidden.to(DEVICE), cand.to(DEVICE), torch.tensor([6], device=DEVICE), torch.tensor([4], device=DEVICE),
+            4, alive.to(DEVICE), 7, visual.to(DEVICE))
+    got = recycle(*args)
+    assert got.centres.tolist() == [[0, 1, 2, 3]]
+    assert got.order.tolist() == [[4, 1, 5, 2, 3, 8, 9]]
+    assert torch.equal(got.order, reference_recycle.recycle(*args).order)
+
+
+def test_recycle_with_visual_is_two_launches_and_no_torch_op():
+    hidden, cand_idx, nc, ncl, alive, width, visual = visual_batch(
+        [20, 0, 1, 12], [5, 3, 1, 4], 20, 48, 37, torch.bfloat16, [(0, 4, 30), (10, 14, 40), (5, 8, 20), (3, 20, 48)])
+    with count_device_ops() as ops:
+        got = recycle(hidden, cand_idx, nc, ncl, 6, alive, width, visual)
+    assert dict(ops.launches) == {"_pairwise_dist_kernel": 1, "_recycle_kernel": 1}, str(ops)
+    assert not ops.torch_ops and ops.host_reads == 0, str(ops)
+    assert torch.equal(got.order, reference_recycle.recycle(hidden, cand_idx, nc, ncl, 6, alive, width, visual).order)
+
+
+def test_recycle_rejects_bad_visual():
+    hidden, cand_idx, nc, ncl, alive, width = make_batch([5, 3], [2, 1], 6, 8, 16, torch.float32)
+    visual = torch.ones_like(alive)
+    with pytest.raises(ValueError, match=r"recycle: visual has shape \[2, 7\], expected \[2, 8\]"):
+        recycle(hidden, cand_idx, nc, ncl, 2, alive, width, visual[:, :7])
+    with pytest.raises(ValueError, match=r"recycle: visual has shape \[8\]"):
+        recycle(hidden, cand_idx, nc, ncl, 2, alive, width, visual[0])
+    for dtype in (torch.int8, torch.float32):
+        with pytest.raises(ValueError, match=f"recycle: visual must be a bool tensor, got {dtype}"):
+            recycle(hidden, cand_idx, nc, ncl, 2, alive, width, visual.to(dtype))
+
+
 def test_recycle_is_deterministic():
     hidden, cand_idx, nc, ncl, alive, width = make_batch([29, 0, 1, 17], [5, 3, 1, 4], 29, 40, 37,
                                                          torch.bfloat16, seed=7)

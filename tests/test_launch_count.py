@@ -87,7 +87,7 @@ def test_rank_mode_reads_the_host_once_per_pruning_layer(monkeypatch):
     with torch.no_grad():
         model(**inputs)
     prompt_reads = 1  # the raters' counts at layer 0, once per prefill
-    assert len(reads) == prompt_reads + len(steps) == prompt_reads + 3
+    assert len(reads) == prompt_reads + len(steps) == prompt_reads + 4  # v1 prunes at four layers
 
 
 def test_qwen_mrope_pruning_layer_issues_at_most_six_device_operations(monkeypatch):
@@ -117,15 +117,26 @@ def _count_engine_hooks(monkeypatch) -> list:
     return calls
 
 
+def _rope_call_ops(model, hidden, position_ids) -> int:
+    """Device operations of one call of the decoder's own RoPE module."""
+    with count_device_ops() as ops:
+        model.model.language_model.rotary_emb(hidden, position_ids)
+    return sum(ops.torch_ops.values())
+
+
+@pytest.mark.parametrize("positions", ["original", "renumber"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_what_a_decode_step_costs_in_the_engine(monkeypatch, impl, batch):
+def test_what_a_decode_step_costs_in_the_engine(monkeypatch, impl, batch, positions):
     """A decode step over a pruned cache: with no padding anywhere and a model that passes no mask
-    (sdpa, batch 1), the engine adds no device operation; otherwise one decode mask per pruned
-    stage (sdpa: the key validity; eager: its additive form), and the generated tokens' validity."""
+    (sdpa, batch 1), the engine adds no mask; otherwise one decode mask per pruned stage (sdpa:
+    the key validity; eager: its additive form), and the generated tokens' validity. Renumbered
+    positions add one subtraction and one call of the model's RoPE module for all stages, and a
+    copy of each stage's position ids and cos / sin rows but the first (a view of the stacked rows
+    would make a compiled layer recompile)."""
     calls = _count_engine_hooks(monkeypatch)
     model, inputs = _llava(impl, batch)
-    sve.sparsify(model, SCHEDULE["v1.5"][0])
+    sve.sparsify(model, SCHEDULE["v1.5"][0].with_(positions=positions))
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], 1)
@@ -134,11 +145,16 @@ def test_what_a_decode_step_costs_in_the_engine(monkeypatch, impl, batch):
     ops = sum((sum(c.torch_ops.values()) for c in calls), 0)
     assert not any(c.launches or c.host_reads for c in calls)
     stages = 3
+    rope = 0
+    if positions == "renumber":
+        hidden = torch.zeros(batch, 1, model.config.text_config.hidden_size, device=DEVICE)
+        rope = 1 + _rope_call_ops(model, hidden, torch.zeros(stages, batch, 1, dtype=torch.long,
+                                                             device=DEVICE).flatten(0, 1)) + 3 * (stages - 1)
     if impl == "sdpa" and batch == 1:
-        assert ops == 0
+        assert ops == rope
     else:
         per_mask = {"sdpa": 1, "eager": 4}[impl]  # cat; cat, zeros, scalar_tensor, where
-        assert ops == 1 + stages * per_mask, [dict(c.torch_ops) for c in calls if c.torch_ops]
+        assert ops == 1 + stages * per_mask + rope, [dict(c.torch_ops) for c in calls if c.torch_ops]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -56,7 +56,7 @@ def _real_rows(logits, trace):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_equals_masked_dense(family, media, impl, preset):
     model, inputs = _case(family, media, impl)
-    config = getattr(sve.SparseVLMConfig, preset)(128, recycling=False)
+    config = getattr(sve.SparseVLMConfig, preset)(128, recycling=False, positions="original")
     logits, trace, generated = _sparse_run(model, inputs, config)
     assert [s.n_visual for s in trace.samples] == [_n_visual(inputs, b) for b in range(2)]
     assert all(s.pruning and s.pruning[-1].visual_after < s.n_visual for s in trace.samples)
@@ -77,18 +77,20 @@ def test_masking_is_what_changes_the_output(family):
     assert (_real_rows(logits, trace) - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("positions", ["renumber", "original"])
 @pytest.mark.parametrize("recycling", [False, True])
 @pytest.mark.parametrize("media", list(MEDIA))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batch_rows_match_single_runs(family, media, recycling):
+def test_batch_rows_match_single_runs(family, media, recycling, positions):
     model, inputs = _case(family, media)
-    config = sve.SparseVLMConfig.v1_5(128, recycling=recycling)
+    config = sve.SparseVLMConfig.v1_5(128, recycling=recycling, positions=positions)
     logits, trace, generated = _sparse_run(model, inputs, config)
     assert any(r.recycled for s in trace.samples for r in s.pruning) == recycling
     for b in range(2):
         one_logits, one_trace, one_generated = _sparse_run(model, qwen_single(inputs, b), config)
         assert one_trace.samples[0].pruning == trace.samples[b].pruning
         assert one_trace.samples[0].rater_positions == trace.samples[b].rater_positions
+        assert one_trace.samples[0].stages == trace.samples[b].stages
         n = len(trace.samples[b].final_positions)
         torch.testing.assert_close(one_logits[0, -n:], logits[b, -n:], atol=ATOL, rtol=1e-5)
         assert torch.equal(one_generated[0, -NEW_TOKENS:], generated[b, -NEW_TOKENS:])
@@ -96,6 +98,7 @@ def test_batch_rows_match_single_runs(family, media, recycling):
 
 SEMANTICS = {
     "v1.5-recycling": sve.SparseVLMConfig.v1_5(192),
+    "v1.5-recycling-original": sve.SparseVLMConfig.v1_5(192, positions="original"),
     "rank-v1": sve.SparseVLMConfig.v1_rank(64),
     "v2-priority-gravity": sve.SparseVLMConfig.v2(128),
     "v2-recycling": sve.SparseVLMConfig.v2(64, recycling=True),
@@ -119,6 +122,9 @@ def test_kept_positions_match_transcription(family, name, media):
         assert record.layer == want["layer"]
         assert record.kept == want["kept"]
         assert sorted((t.centre, t.members) for t in record.recycled) == want["recycled"]
+    for stage, want in zip(sample.stages[1:], expected):
+        assert (stage.first_layer, stage.tokens) == (want["layer"] + 1, want["tokens"])
+        assert stage.position_ids == want["position_ids"]
 
 
 def test_gravity_follows_the_three_mrope_axes():
@@ -184,33 +190,29 @@ def _rope_seen(model, inputs, config=None):
     return prefill, decode, trace
 
 
+@pytest.mark.parametrize("positions", ["renumber", "original"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kept_recycled_and_generated_tokens_keep_their_dense_positions(family):
+def test_kept_recycled_and_generated_tokens_keep_their_dense_positions(family, positions):
+    """mRoPE keeps every token's 3-D ids in both position modes ("renumber" moves only the
+    recycled tokens, after the kept visual ones): each layer's RoPE rows are the dense ones of the
+    tokens its stage holds, in the stage's order, and decode steps use the dense ones."""
     model, inputs = _case(family, "image-video")
     dense_prefill, dense_decode, _ = _rope_seen(model, inputs)
-    prefill, decode, trace = _rope_seen(model, inputs, sve.SparseVLMConfig.v1_5(128))
+    prefill, decode, trace = _rope_seen(model, inputs, sve.SparseVLMConfig.v1_5(128, positions=positions))
     assert len(decode) == len(dense_decode) == 3
     for a, b in zip(dense_decode, decode):
         assert torch.equal(a, b)
     width = inputs["input_ids"].shape[1]
-    checked = 0
+    moved = 0
     for layer, cos in prefill.items():
         for b, sample in enumerate(trace.samples):
-            earlier = [r for r in sample.pruning if r.layer < layer]
-            if not earlier:
-                assert torch.equal(cos[b, -sample.length:], dense_prefill[layer][b, -sample.length:])
-                continue
-            # the stage's tokens in slot order: text, kept and recycled-centre positions
-            record = earlier[-1]
-            visual = set(sample.visual_positions)
-            alive = sorted({p for p in range(sample.length) if p not in visual}
-                           | set(record.kept) | {t.centre for t in record.recycled})
-            assert len(alive) <= cos.shape[1]
+            stage = [s for s in sample.stages if s.first_layer <= layer][-1]
             offset = width - sample.length
-            expected = dense_prefill[0][b, [offset + p for p in alive]]
-            assert torch.equal(cos[b, cos.shape[1] - len(alive):], expected)
-            checked += 1
-    assert checked > 0 and any(r.recycled for s in trace.samples for r in s.pruning)
+            expected = dense_prefill[0][b, [offset + p for p in stage.tokens]]
+            assert torch.equal(cos[b, cos.shape[1] - len(stage.tokens):], expected)
+            moved += list(stage.tokens) != sorted(stage.tokens)
+    assert any(r.recycled for s in trace.samples for r in s.pruning)
+    assert (moved > 0) == (positions == "renumber")
 
 
 @pytest.mark.tf5_only

@@ -9,10 +9,14 @@ from transcription import transcribe
 CONFIGS = {
     "schedule-v1.5": sve.SparseVLMConfig.v1_5(128, recycling=False),
     "schedule-v1.5-recycling": sve.SparseVLMConfig.v1_5(192),
-    "schedule-derived-96": sve.SparseVLMConfig.v1_5(96),
+    "schedule-v1.5-96": sve.SparseVLMConfig.v1_5(96),
+    "schedule-derived-100": sve.SparseVLMConfig.v1_5(100),
     "rank-v1": sve.SparseVLMConfig.v1_rank(64),
+    "v1.5-recycling-original": sve.SparseVLMConfig.v1_5(192, positions="original"),
+    "rank-v1-original": sve.SparseVLMConfig.v1_rank(64, positions="original"),
     "v2-priority-gravity": sve.SparseVLMConfig.v2(128),
     "v2-recycling": sve.SparseVLMConfig.v2(64, recycling=True),
+    "v2-recycling-renumber": sve.SparseVLMConfig.v2(64, recycling=True, positions="renumber"),
 }
 
 
@@ -34,6 +38,13 @@ def _compare(trace, expected):
         assert record.kept == want["kept"]
         got = sorted((t.centre, t.members) for t in record.recycled)
         assert got == want["recycled"]
+    # the tokens after each pruning layer in sequence order (recycled ones placed by the mode's
+    # rule) and the position ids the next layers gave them
+    assert [s.first_layer for s in sample.stages] == [0] + [w["layer"] + 1 for w in expected]
+    for stage, want in zip(sample.stages[1:], expected):
+        assert stage.tokens == want["tokens"]
+        assert stage.position_ids == want["position_ids"]
+    assert sample.final_positions == expected[-1]["tokens"]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

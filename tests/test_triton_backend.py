@@ -16,7 +16,9 @@ PRESETS = {
     "v1": sve.SparseVLMConfig.v1_rank(128),
     "v1.5": sve.SparseVLMConfig.v1_5(128),
     "v1.5-no-recycling": sve.SparseVLMConfig.v1_5(96, recycling=False),
+    "v1.5-original": sve.SparseVLMConfig.v1_5(128, positions="original"),
     "v2": sve.SparseVLMConfig.v2(64),
+    "v2-renumber": sve.SparseVLMConfig.v2(64, recycling=True, positions="renumber"),
 }
 
 
@@ -64,6 +66,7 @@ def test_triton_backend_equals_torch_backend(family, preset):
         assert sample.rater_positions == t_sample.rater_positions
         assert sample.pruning == t_sample.pruning  # kept positions, keep counts and recycled tokens
         assert sample.final_positions == t_sample.final_positions
+        assert sample.stages == t_sample.stages  # every stage's tokens, in order, and position ids
         assert sample.flops == t_sample.flops
     for b, sample in enumerate(trace.samples):
         real = slice(logits.shape[1] - len(sample.final_positions), None)

@@ -91,7 +91,12 @@ def gravity(query, key, inv_freq, hd, sections=None):
 
 
 def dpc_knn(x, c):
-    """Section 4.2 with Python loops."""
+    """(centres, assign) of ranked_dpc_knn."""
+    return ranked_dpc_knn(x, c)[:2]
+
+
+def ranked_dpc_knn(x, c):
+    """Section 4.2 with Python loops: (centres ascending, assign, centres by score highest first)."""
     n, d = x.shape
     dist = [[(x[i] - x[j]).norm().item() / math.sqrt(d) for j in range(n)] for i in range(n)]
     rho = [math.exp(-sum(v * v for v in sorted(row)[:c]) / c) for row in dist]
@@ -101,18 +106,27 @@ def dpc_knn(x, c):
         higher = [dist[i][j] for j in range(n) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
         delta.append(min(higher) if higher else biggest)
     score = [r * dl for r, dl in zip(rho, delta)]
-    centres = sorted(sorted(range(n), key=lambda i: (-score[i], i))[:c])
+    by_score = sorted(range(n), key=lambda i: (-score[i], i))[:c]
+    centres = sorted(by_score)
     assign = []
     for i in range(n):
         if i in centres:
             assign.append(centres.index(i))
         else:
             assign.append(min(range(c), key=lambda k: (dist[i][centres[k]], k)))
-    return centres, assign
+    return centres, assign, by_score
 
 
 def transcribe(model, inputs, config, pruning_layers):
-    """Kept positions (and recycled centre -> members) after each pruning layer, one sample."""
+    """Per pruning layer, one sample: the kept positions, recycled centre -> members, and the
+    tokens after it in sequence order with the position ids the next layers give them.
+
+    A token is named by its prompt position ("pos"; a recycled one by its centre's) and carries
+    the position id its layer applies RoPE at ("rope": an int, or (t, h, w) under mRoPE). With
+    positions="renumber" (section 5) the tokens left after a pruning layer take ids 0, 1, ... in
+    sequence order, and the recycled ones follow the last kept visual token, highest centre
+    score first; under mRoPE every id is kept (this project's rule). With "original" every id is
+    kept and a recycled token sits at its centre's position."""
     lm = model.model.language_model
     ids = inputs["input_ids"][0].tolist()
     visual_ids = {getattr(model.config, a, None) for a in ("image_token_id", "video_token_id")} - {None}
@@ -167,24 +181,33 @@ def transcribe(model, inputs, config, pruning_layers):
             order = sorted(range(present), key=lambda j: (j not in forced, -rel[j], j))
             kept = sorted(order[:keep])
             pruned_order = [j for j in order[keep:]]
-            new_tokens = [(t, out[i]) for i, t in enumerate(tokens) if not t["visual"]]
-            new_tokens += [(tokens[vis[j]], out[vis[j]]) for j in kept]
-            recycled = []
+            kept_slots = {vis[j] for j in kept}
+            new_tokens = [(t, out[i]) for i, t in enumerate(tokens) if not t["visual"] or i in kept_slots]
+            recycled, merged_tokens = [], []
             if config.recycling and pruned_order:
                 n_cand = math.floor(config.recycle_ratio * len(pruned_order)) + 1
                 cand = sorted(pruned_order[:n_cand])
                 c = n_cand // config.cluster_divisor + 1
-                centres, assign = dpc_knn(out[[vis[j] for j in cand]].float(), c)
-                for k, centre in enumerate(centres):
+                centres, assign, by_score = ranked_dpc_knn(out[[vis[j] for j in cand]].float(), c)
+                for centre in by_score:
+                    k = centres.index(centre)
                     members = [cand[i] for i in range(len(cand)) if assign[i] == k]
                     merged = torch.stack([out[vis[j]].float() for j in members]).mean(0).to(out.dtype)
                     centre = tokens[vis[cand[centre]]]
                     centre_pos = centre["pos"]
-                    new_tokens.append(({"pos": centre_pos, "rope": centre["rope"], "visual": True}, merged))
+                    merged_tokens.append(({"pos": centre_pos, "rope": centre["rope"], "visual": True}, merged))
                     recycled.append((centre_pos, tuple(tokens[vis[j]]["pos"] for j in members)))
-            new_tokens.sort(key=lambda pair: pair[0]["pos"])
+            if config.positions == "renumber":
+                last_visual = max(i for i, (t, _) in enumerate(new_tokens) if t["visual"])
+                new_tokens[last_visual + 1:last_visual + 1] = merged_tokens
+                if not sections:
+                    new_tokens = [(dict(t, rope=p), v) for p, (t, v) in enumerate(new_tokens)]
+            else:
+                new_tokens = sorted(new_tokens + merged_tokens, key=lambda pair: pair[0]["pos"])
             results.append({"layer": index, "kept": tuple(tokens[vis[j]]["pos"] for j in kept),
-                            "recycled": sorted(recycled), "raters": sorted(raters)})
+                            "recycled": sorted(recycled), "recycled_order": tuple(p for p, _ in recycled),
+                            "raters": sorted(raters), "tokens": tuple(t["pos"] for t, _ in new_tokens),
+                            "position_ids": tuple(t["rope"] for t, _ in new_tokens)})
             tokens = [t for t, _ in new_tokens]
             h = torch.stack([v for _, v in new_tokens])
             stage += 1

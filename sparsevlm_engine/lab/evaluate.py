@@ -18,7 +18,8 @@ from .model import LabVLM, encode
 from .scenes import KINDS, Example, examples, render
 
 BUDGETS = (192, 128, 96, 64)
-SPARSEVLM_PRESETS = {"v1_5": "v1.5", "v2": "v2"}
+# method: (preset, positions); the committed evaluation ran v1.5 with original positions
+SPARSEVLM_PRESETS = {"v1_5": ("v1.5", "original"), "v2": ("v2", "original")}
 BASELINE_LAYER = 2  # SparseVLM's first pruning layer on this 30-layer decoder
 
 
@@ -50,8 +51,8 @@ def evaluate_batch(model: LabVLM, batch: list[Example], budgets=BUDGETS, seed: i
     tokens, margins = _predict(model, inputs, visual)
     out[("dense", None)] = Prediction(tokens, margins, torch.full((len(batch),), float(n_visual)))
     for budget in budgets:
-        for name, preset in SPARSEVLM_PRESETS.items():
-            sparsify(model, SparseVLMConfig.preset(preset, budget))
+        for name, (preset, positions) in SPARSEVLM_PRESETS.items():
+            sparsify(model, SparseVLMConfig.preset(preset, budget, positions=positions))
             try:
                 tokens, margins = _predict(model, inputs, visual)
                 trace = last_trace(model)

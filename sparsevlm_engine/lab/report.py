@@ -1,7 +1,7 @@
 """The accuracy lab's table and targets, computed from an evaluation's summary rows."""
 from __future__ import annotations
 
-METHOD_NAMES = {"dense": "dense", "v1_5": "SparseVLM v1.5", "v2": "SparseVLM v2 (SparseVLM+)",
+METHOD_NAMES = {"dense": "dense", "v1_5": "SparseVLM v1.5 (original positions)", "v2": "SparseVLM v2 (SparseVLM+)",
                 "fastv": "FastV-style (last-token attention, layer 2)", "random": "random (layer 2)"}
 DENSE_TARGET = 0.85
 RETAINED_TARGETS = {128: 0.95, 64: 0.85}
