@@ -7,7 +7,7 @@ import torch
 from sparsevlm_engine.lab import lora
 from sparsevlm_engine.lab.model import build_lab_vlm, encode, load_lab_vlm, save_lab_vlm
 from sparsevlm_engine.lab.scenes import example, make_scene
-from sparsevlm_engine.lab.train import image_loss, resume, scene_questions
+from sparsevlm_engine.lab.train import image_loss, kind_counts, resume, scene_questions
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,19 @@ def test_scene_questions_are_distinct_and_cover_the_kinds():
     assert len(set(texts)) == len(texts)
     assert {"count", "exists"} <= {q.kind for q in questions}
     assert len(questions) > len(scene_questions(scene, random.Random(0), per_kind=1))
+
+
+def test_extra_questions_weight_the_named_kinds():
+    scene = example("test", 3).scene
+    plain = scene_questions(scene, random.Random(0), per_kind=1)
+    weighted = scene_questions(scene, random.Random(0), per_kind=1, extra={"relation": 3, "count": 2})
+    def count(qs, kind):
+        return sum(q.kind == kind for q in qs)
+    assert count(weighted, "relation") > count(plain, "relation") and count(weighted, "count") > count(plain, "count")
+    assert len({q.text for q in weighted}) == len(weighted)
+    assert kind_counts("relation=2,count=1") == {"relation": 2, "count": 1}
+    with pytest.raises(ValueError, match="'size=2' must be KIND=N"):
+        kind_counts("size=2")
 
 
 def test_one_step_reaches_the_projector_and_adapters(training):

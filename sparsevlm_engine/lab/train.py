@@ -1,6 +1,7 @@
 """Train the lab VLM's projector and low-rank adapters on the scene-VQA train split.
 
-    python -m sparsevlm_engine.lab.train [--minutes M] [--questions-per-kind 2] [--resume W] [--out W]
+    python -m sparsevlm_engine.lab.train [--minutes M] [--questions-per-kind 2] [--extra-questions relation=2]
+                                         [--resume W] [--out W]
 
 The vision tower and SmolLM2 stay frozen; the projector and low-rank adapters on the attention
 projections train. Scenes come from the generator's own seeded stream ("train-run:<seed>:<images
@@ -29,7 +30,7 @@ from .language import answer_token, prompt_pieces
 from .model import WEIGHTS, LabVLM, build_lab_vlm, save_lab_vlm
 from .efficientnet import preprocess
 from .alignment import alignment_loss, patch_labels, word_targets
-from .scenes import make_scene, questions_for_scene, render
+from .scenes import KINDS, make_scene, questions_for_scene, render
 
 
 def question_batch(questions, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,13 +101,29 @@ def image_loss(model: LabVLM, scene, questions, device) -> tuple[torch.Tensor, t
     return F.cross_entropy(logits.float(), answers), scenes_alignment_loss(model, [scene], content)
 
 
-def scene_questions(scene, rng, per_kind: int):
-    """Up to per_kind distinct questions of every kind the scene supports."""
+def scene_questions(scene, rng, per_kind: int, extra: dict[str, int] | None = None):
+    """Up to per_kind distinct questions of every kind the scene supports, plus extra[kind] more
+    of the kinds named there (weighting the hard ones, e.g. {"relation": 2})."""
     chosen = {}
     for _ in range(per_kind):
         for question in questions_for_scene(scene, rng):
             chosen.setdefault(question.text, question)
+    for kind, count in (extra or {}).items():
+        for _ in range(count):
+            for question in questions_for_scene(scene, rng, (kind,)):
+                chosen.setdefault(question.text, question)
     return list(chosen.values())
+
+
+def kind_counts(text: str) -> dict[str, int]:
+    """"relation=2,count=1" -> {"relation": 2, "count": 1}; ValueError naming a bad entry."""
+    counts = {}
+    for entry in filter(None, text.split(",")):
+        kind, _, count = entry.partition("=")
+        if kind not in KINDS or not count.isdigit():
+            raise ValueError(f"--extra-questions entry {entry!r} must be KIND=N with KIND one of {', '.join(KINDS)}")
+        counts[kind] = int(count)
+    return counts
 
 
 def resume(model: LabVLM, adapters: dict, path: Path) -> int:
@@ -145,7 +162,7 @@ def train(args) -> dict:
         for group, base in zip(optimizer.param_groups, bases):
             group["lr"] = base * scale
         scene = make_scene(rng)
-        questions = scene_questions(scene, rng, args.questions_per_kind)
+        questions = scene_questions(scene, rng, args.questions_per_kind, args.extra_questions)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             answer_loss, align_loss = image_loss(model, scene, questions, device)
             loss = answer_loss + args.align_weight * align_loss
@@ -170,7 +187,8 @@ def train(args) -> dict:
                             "validation_accuracy": accuracy})
             print(f"  validation accuracy on {args.eval_examples}: {accuracy:.3f}", flush=True)
     meta = {"images": seen_before + step, "resumed_after": seen_before,
-            "questions_per_kind": args.questions_per_kind, "seconds": round(time.time() - start),
+            "questions_per_kind": args.questions_per_kind, "extra_questions": args.extra_questions,
+            "seconds": round(time.time() - start),
             "device": str(device), "seed": args.seed, "align_steps": args.align_steps,
             "align_batch": args.align_batch, "align_weight": args.align_weight, "lr": args.lr, "lora_lr": args.lora_lr,
             "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "history": history}
@@ -194,6 +212,8 @@ def main(argv=None) -> int:
     parser.add_argument("--align-batch", type=int, default=16)
     parser.add_argument("--align-weight", type=float, default=0.5, help="alignment loss weight while answering")
     parser.add_argument("--questions-per-kind", type=int, default=1, help="questions per kind and image")
+    parser.add_argument("--extra-questions", type=kind_counts, default={},
+                        help='more questions per image of some kinds, e.g. "relation=2,count=1"')
     parser.add_argument("--resume", default=None, help="weights to continue from (projector and adapters)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
