@@ -179,7 +179,7 @@ def _generate(model, image, *extra):
     ("out-below-a-file", "cannot write to --out"),
     ("out-unwritable", "cannot write to --out /proc/sparsevlm_out"),
     ("demo-unknown-family", "invalid choice: 'gpt'"),
-    ("lab-demo-index-out-of-range", "--index must be in 0..199"),
+    ("lab-demo-index-out-of-range", "--index must be in 0..999"),
     ("index-without-lab", "--index selects a scene-VQA example of the lab VLM"),
 ])
 def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file, capsys):
@@ -219,7 +219,7 @@ def test_clear_errors_exit_2(case, message, tmp_path, fake_model_dir, image_file
         "out-below-a-file": _generate(fake_model_dir, image_file, "--out", str(a_file / "sub")),
         "out-unwritable": _generate(fake_model_dir, image_file, "--out", "/proc/sparsevlm_out"),
         "demo-unknown-family": ["demo", "--family", "gpt"],
-        "lab-demo-index-out-of-range": ["demo", "--index", "200"],
+        "lab-demo-index-out-of-range": ["demo", "--index", "1000"],
         "index-without-lab": ["demo", "--family", "llava", "--index", "3"],
     }[case]
     code, out, err = run_cli(argv, capsys)

@@ -8,11 +8,12 @@ import torch
 
 import sparsevlm_engine as sve
 from sparsevlm_engine.lab import lora
-from sparsevlm_engine.lab.baselines import keep_for_average, layer_average, text_agnostic_pruning
-from sparsevlm_engine.lab.evaluate import evaluate, summarise
+from sparsevlm_engine.lab.baselines import choose_kept, keep_for_average, layer_average, text_agnostic_pruning
+from sparsevlm_engine.lab.evaluate import evaluate, rank_coefficients, single_run_mismatches, summarise
 from sparsevlm_engine.lab.model import encode, load_lab_vlm
-from sparsevlm_engine.lab.report import results_table, targets, targets_table
-from sparsevlm_engine.lab.scenes import example
+from sparsevlm_engine.lab.report import kinds_table, results_table, targets, targets_table
+from sparsevlm_engine.lab.scenes import SPLIT_SIZES, example
+from sparsevlm_engine.lab.stats import mcnemar_exact, paired_bootstrap_ratio, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "accuracy_lab.json"
@@ -91,6 +92,57 @@ def test_summary_arithmetic():
     assert rows["dense"]["accuracy"] == 0.75 and rows["v1_5"]["accuracy"] == 0.5
     assert rows["v1_5"]["retained"] == pytest.approx(2 / 3) and rows["v1_5"]["agreement"] == 0.75
     assert rows["v1_5"]["budget"] == 64 and rows["v1_5"]["equivalent_tokens"] == 80.0
+    assert rows["v1_5"]["correct"] == 2 and rows["v1_5"]["accuracy_ci"] == [round(v, 4) for v in wilson_interval(2, 4)]
+    assert (rows["v1_5"]["only_dense_correct"], rows["v1_5"]["only_method_correct"]) == (1, 0)
+    assert rows["v1_5"]["mcnemar_p"] == 1.0 and rows["dense"]["retained_ci"] == [1.0, 1.0]
+    low, high = rows["v1_5"]["retained_ci"]
+    assert 0 <= low < 2 / 3 < high <= 1
+
+
+def test_wilson_interval_matches_the_closed_form():
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    assert wilson_interval(850, 1000) == pytest.approx((0.8265, 0.8708), abs=1e-4)
+    with pytest.raises(ValueError, match="zero trials"):
+        wilson_interval(0, 0)
+
+
+def test_mcnemar_exact_is_the_doubled_binomial_tail():
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    assert mcnemar_exact(6, 0) == mcnemar_exact(0, 6)
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+
+
+def test_paired_bootstrap_is_seeded_and_pairs_the_questions():
+    reference = torch.tensor([True, False] * 50)
+    methods = torch.stack([reference, torch.ones(100, dtype=torch.bool), ~reference])
+    low, high = paired_bootstrap_ratio(methods, reference)
+    assert low[0] == high[0] == 1.0  # the same answers: every resample gives the ratio 1
+    assert low[1] < 2.0 < high[1] and low[2] < 1.0 < high[2]
+    assert (low, high) == paired_bootstrap_ratio(methods, reference)
+
+
+def test_v1_coefficients_between_published_budgets_are_interpolated():
+    assert rank_coefficients(128) == (9.0, 6.0)
+    assert rank_coefficients(96) == pytest.approx((4.9, 3.0))
+    with pytest.raises(ValueError, match="outside"):
+        rank_coefficients(32)
+
+
+def test_random_keeps_the_same_tokens_of_a_row_whatever_its_padding():
+    visual = torch.zeros(2, 12, dtype=torch.bool)
+    visual[0, 2:10] = True  # the same eight visual tokens, after 2 and after 3 leading tokens
+    visual[1, 3:11] = True
+    kept = choose_kept("random", visual, 3, None, [torch.Generator().manual_seed(5) for _ in range(2)])
+    assert torch.equal(kept[0, 2:10], kept[1, 3:11]) and int(kept.sum()) == 6
+    alone = choose_kept("random", visual[1:], 3, None, [torch.Generator().manual_seed(5)])
+    assert torch.equal(alone[0], kept[1])
+
+
+def test_the_test_split_is_large_enough_for_two_point_intervals():
+    assert SPLIT_SIZES["test"] >= 1000 and SPLIT_SIZES["validation"] >= 200
+    assert example("test", 3).question != example("validation", 3).question
 
 
 # ---------------------------------------------------------------- the model
@@ -194,8 +246,10 @@ def test_random_baseline_is_seeded_and_keeps_only_visual_tokens(lab):
 
 def test_a_test_subset_reproduces_the_committed_answers(lab):
     committed = json.loads(RESULTS.read_text())
-    assert committed["split"] == "test" and committed["examples"] == len(committed["records"])
-    fresh = evaluate(lab, "test", 0, 5, budgets=(128, 64))
+    assert committed["split"] == "test" and committed["examples"] == len(committed["records"]) >= 1000
+    # the committed first batch exactly: bf16's rounding depends on the batch shape
+    fresh = evaluate(lab, "test", 0, committed["batch_size"], budgets=(128, 64), batch_size=committed["batch_size"],
+                     precision=committed["precision"])
     for new, old in zip(fresh["records"], committed["records"]):
         assert new["index"] == old["index"] and new["answer"] == old["answer"]
         for key, prediction in new["predictions"].items():
@@ -205,12 +259,32 @@ def test_a_test_subset_reproduces_the_committed_answers(lab):
                 assert prediction["token"] == before["token"], (new["index"], key)
 
 
+def test_batched_answers_equal_single_runs_through_the_engine(lab):
+    # fp32: bf16's rounding depends on the batch shape and may flip a near-tie (the JSON counts those)
+    batched = evaluate(lab, "test", 0, 2, budgets=(64,), batch_size=2, precision="fp32")
+    check = single_run_mismatches(lab, batched["records"], budgets=(64,), precision="fp32")
+    assert check["questions"] == 2 and check["predictions"] == 2 * 7
+    assert check["equal"] == check["predictions"], check["mismatches"]
+
+
 def test_readme_figures_come_from_the_committed_json():
     committed = json.loads(RESULTS.read_text())
     readme = (ROOT / "README.md").read_text()
     assert results_table(committed["summary"], committed["examples"]) in readme
+    assert kinds_table(committed["summary"], committed["records"]) in readme
     assert committed["targets"] == targets(committed["summary"])
     assert targets_table(committed["targets"]) in readme
+    assert set(committed["batched_vs_single"]) == {committed["precision"], "fp32"}
+    for precision, check in committed["batched_vs_single"].items():
+        assert f"In {precision}, batched answers equal the single-run ones for {check['equal']} of " in readme
+
+
+def test_the_demo_default_is_a_question_the_dense_model_answers_right():
+    from sparsevlm_engine.lab import demo
+
+    committed = json.loads(RESULTS.read_text())
+    record = next(r for r in committed["records"] if r["index"] == demo.DEFAULT_INDEX)
+    assert record["predictions"]["dense"]["token"] == record["answer_token"]
 
 
 def test_demo_answers_a_test_question_dense_and_sparse(lab, monkeypatch, tmp_path, capsys):

@@ -46,12 +46,19 @@ def last_token_attention(attention: nn.Module, hidden: torch.Tensor, cos: torch.
 
 
 def choose_kept(method: str, visual: torch.Tensor, keep: int, attention: torch.Tensor | None,
-                generator: torch.Generator) -> torch.Tensor:
-    """[B, L] bool: the visual tokens kept, `keep` per sample."""
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """[B, L] bool: the visual tokens kept, `keep` per sample.
+
+    random: row b's visual tokens, in order, get scores drawn from generators[b], so a row keeps
+    the same tokens whatever its padding and the rest of its batch.
+    """
     if method == "fastv":
         scores = attention.masked_fill(~visual, float("-inf"))
     elif method == "random":
-        scores = torch.rand(visual.shape, generator=generator).to(visual.device).masked_fill(~visual, float("-inf"))
+        scores = torch.full(visual.shape, float("-inf"))
+        for row, generator in enumerate(generators):
+            scores[row, visual[row].cpu()] = torch.rand(int(visual[row].sum()), generator=generator)
+        scores = scores.to(visual.device)
     else:
         raise ValueError(f"unknown baseline {method!r}; choose from {METHODS}")
     top = scores.topk(keep, dim=-1).indices
@@ -59,9 +66,10 @@ def choose_kept(method: str, visual: torch.Tensor, keep: int, attention: torch.T
 
 
 @contextlib.contextmanager
-def text_agnostic_pruning(model, method: str, keep: int, layer: int = 2, seed: int = 0):
+def text_agnostic_pruning(model, method: str, keep: int, layer: int = 2, seed: int | list[int] = 0):
     """Within the block, the lab VLM's prefills keep `keep` visual tokens per sample after `layer`.
 
+    seed: random's seed, one for every row or a list with one per row (a row's own draws).
     Yields a list that receives, per prefill, the kept mask [B, L].
     """
     if method not in METHODS:
@@ -72,7 +80,8 @@ def text_agnostic_pruning(model, method: str, keep: int, layer: int = 2, seed: i
         raise ValueError(f"layer {layer} must be below the last layer ({len(layers) - 1})")
     state: dict = {}
     kept_log: list[torch.Tensor] = []
-    generator = torch.Generator().manual_seed(seed)
+    row_seeds = [seed] if isinstance(seed, int) else list(seed)
+    generators = [torch.Generator().manual_seed(s) for s in row_seeds]
 
     def on_model_call(module, args, kwargs):
         input_ids = kwargs["input_ids"]
@@ -88,7 +97,11 @@ def text_agnostic_pruning(model, method: str, keep: int, layer: int = 2, seed: i
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         cos, sin = kwargs["position_embeddings"]
         attention = last_token_attention(module, hidden, cos, sin, state["valid"]) if method == "fastv" else None
-        kept = choose_kept(method, state["visual"], keep, attention, generator)
+        rows = state["visual"].shape[0]
+        if len(generators) not in (1, rows):
+            raise ValueError(f"{len(generators)} row seeds for a batch of {rows} rows")
+        kept = choose_kept(method, state["visual"], keep, attention,
+                           generators * rows if len(generators) == 1 else generators)
         kept_log.append(kept)
         keys = state["valid"] & (kept | ~state["visual"])
         length = keys.shape[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .model import encode, load_lab_vlm
 from .scenes import SPLIT_SIZES, example
 
-DEFAULT_INDEX = 4  # a relation question: it needs two objects and where they are
+DEFAULT_INDEX = 14  # a relation question (two objects and where they are) that dense and v1.5 @ 128 answer right
 
 
 def lab_demo_setup(index: int | None, question: str | None):

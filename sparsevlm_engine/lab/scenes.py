@@ -52,7 +52,7 @@ ANSWERS = (
 )
 
 SPLITS = ("train", "validation", "test")
-SPLIT_SIZES = {"train": 100_000, "validation": 200, "test": 200}
+SPLIT_SIZES = {"train": 100_000, "validation": 200, "test": 1000}
 
 
 @dataclass(frozen=True)
