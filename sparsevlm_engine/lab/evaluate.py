@@ -174,8 +174,8 @@ def single_run_mismatches(model: LabVLM, records: list[dict], budgets=BUDGETS, p
     """
     mismatches, total = [], 0
     for record in records:
-        single = batch_records([_example_of(record)], evaluate_batch(
-            model, [_example_of(record)], budgets, precision=precision))[0]["predictions"]
+        alone = [example("test", record["index"])]
+        single = batch_records(alone, evaluate_batch(model, alone, budgets, precision=precision))[0]["predictions"]
         for key, prediction in single.items():
             total += 1
             if prediction["token"] != record["predictions"][key]["token"]:
@@ -184,10 +184,6 @@ def single_run_mismatches(model: LabVLM, records: list[dict], budgets=BUDGETS, p
                                    "single_margin": prediction["margin"]})
     return {"questions": len(records), "predictions": total, "equal": total - len(mismatches),
             "mismatches": mismatches}
-
-
-def _example_of(record: dict) -> Example:
-    return example("test", record["index"])
 
 
 def _key(method: str, budget: int | None) -> str:
