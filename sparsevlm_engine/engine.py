@@ -226,10 +226,11 @@ class SparseEngine:
             return None
         pruned = pruned_record(cache)
         if pruned is not None:
-            if q_len != 1:
+            if q_len != 1 and past == pruned.length:
                 raise UnsupportedModeError(
-                    "a sparsified model cannot extend a pruned cache with several tokens at once "
-                    "(chunked prefill, assisted decoding, cache continuation)")
+                    "a sparsified model cannot extend a pruned prompt with several tokens before it has decoded "
+                    "one (a chunked prefill): pass the whole prompt in one call; a later chat turn may pass "
+                    "several tokens once a token has been decoded")
             state.decode = DecodeStep(pruned, attention_mask, past, q_len)
             state.phase = Phase.DECODE
         return None

@@ -25,7 +25,7 @@ class Phase(enum.Enum):
 
     DENSE = "dense"      # run as the unsparsified model would
     PREFILL = "prefill"  # prune the prompt
-    DECODE = "decode"    # extend a pruned cache, each stage with its own mask
+    DECODE = "decode"    # extend a pruned cache (a decode step or a later chat turn), each stage with its own mask
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class PrefillRequest:
 
 @dataclass
 class DecodeStep:
-    """One call that extends a pruned cache: its 2-D attention mask [B, past + Q] (or None), the
-    query length, the decode mask of each stage and, with renumbered positions, the (position_ids
+    """One call that extends a pruned cache (Q = 1 at a decode step, Q >= 1 in a later chat turn):
+    its 2-D attention mask [B, past + Q] (or None), the query length, the decode mask of each stage and, with renumbered positions, the (position_ids
     [B, Q], cos, sin [B, Q, Dr]) of each stage after the first, built once per call where needed."""
 
     pruned: PrunedCache

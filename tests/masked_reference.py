@@ -5,6 +5,7 @@ hides them, and nothing else differs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -37,8 +38,11 @@ def _mask(allowed: torch.Tensor, q_len: int, kv_len: int, impl: str, dtype) -> t
     return torch.where(full, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
 
 
-def masked_dense(model, inputs: dict, trace, impl: str, max_new_tokens: int = 0):
-    """Run the (unsparsified) model with the masks; returns (prefill logits, generated ids or None)."""
+@contextlib.contextmanager
+def masking(model, trace, impl: str, prompt_mask: torch.Tensor):
+    """Inside, each decoder layer of the (unsparsified) model is denied the prompt keys pruned
+    before it; prompt_mask [B, L0] is the pruned prompt's mask, and every key after the prompt
+    (generated tokens, later chat turns) stays visible."""
     layers = model.model.language_model.layers
     handles = []
 
@@ -47,21 +51,26 @@ def masked_dense(model, inputs: dict, trace, impl: str, max_new_tokens: int = 0)
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length(index) if cache is not None else 0
         q_len = hidden.shape[1]
-        allowed = allowed_keys(trace, inputs["attention_mask"], index)
+        allowed = allowed_keys(trace, prompt_mask, index)
         kwargs["attention_mask"] = _mask(allowed, q_len, past + q_len, impl, hidden.dtype)
         return args, kwargs
 
     for index, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(functools.partial(hook, index), with_kwargs=True))
     try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-            generated = None
-            if max_new_tokens:
-                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def masked_dense(model, inputs: dict, trace, impl: str, max_new_tokens: int = 0):
+    """Run the (unsparsified) model with the masks; returns (prefill logits, generated ids or None)."""
+    with masking(model, trace, impl, inputs["attention_mask"]), torch.no_grad():
+        logits = model(**inputs).logits
+        generated = None
+        if max_new_tokens:
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return logits, generated
 
 

@@ -163,18 +163,6 @@ def test_unsupported_generation_modes_raise(kwargs, match):
         model.generate(**llava_prompts(), max_new_tokens=2, **kwargs)
 
 
-def test_extending_a_pruned_cache_with_several_tokens_raises():
-    model = tiny_llava()
-    inputs = llava_prompts()
-    sve.sparsify(model, sve.SparseVLMConfig())
-    with torch.no_grad():
-        out = model(**inputs, use_cache=True)
-        more = torch.tensor([[5, 6]])
-        mask = torch.cat([inputs["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
-        with pytest.raises(sve.UnsupportedModeError, match="several tokens"):
-            model(input_ids=more, attention_mask=mask, past_key_values=out.past_key_values)
-
-
 def test_last_trace_errors_are_clear():
     model = tiny_llava()
     with pytest.raises(RuntimeError, match="not sparsified"):

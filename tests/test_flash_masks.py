@@ -91,3 +91,29 @@ def test_renumbered_positions_run_the_same_on_every_attention(flash_like):
         assert [s.stages for s in other_trace.samples] == [s.stages for s in trace.samples]
         torch.testing.assert_close(other_logits[:, -1], logits[:, -1], atol=2e-5, rtol=1e-5)
         assert torch.equal(other_generated, generated)
+
+
+def test_a_later_chat_turn_runs_the_same_on_every_attention(flash_like):
+    """A chat's next turn (several tokens on the pruned cache) on eager, sdpa and the flash path:
+    the same logits and generated tokens, in both position modes."""
+    model = tiny_llava("sdpa")
+    inputs = llava_prompts(before=(3, 6, 1), after=(5, 9, 7))
+    for positions in ("renumber", "original"):
+        runs = {}
+        for impl in ("eager", "sdpa", "flash_attention_2"):
+            _use(model, impl)
+            sve.sparsify(model, sve.SparseVLMConfig.v1_5(128, positions=positions))
+            with torch.no_grad():
+                first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+                ids = torch.cat([first.sequences, torch.tensor([[7, 8, 9]]).expand(3, -1)], 1)
+                mask = torch.cat([inputs["attention_mask"], torch.ones(3, ids.shape[1] - inputs["input_ids"].shape[1],
+                                                                         dtype=torch.long)], 1)
+                out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=first.past_key_values,
+                                     max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            runs[impl] = out.logits[0], out.sequences
+            sve.unsparsify(model)
+        _use(model, "sdpa")
+        logits, sequences = runs["sdpa"]
+        for impl in ("eager", "flash_attention_2"):
+            torch.testing.assert_close(runs[impl][0], logits, atol=2e-5, rtol=1e-5)
+            assert torch.equal(runs[impl][1], sequences), (positions, impl)
