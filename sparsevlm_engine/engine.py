@@ -35,6 +35,8 @@ from .config import SparseVLMConfig
 from .families import Family, UnsupportedModelError, rotary_functions
 from .layout import Rope, ScoringInputs
 from .decoding import stage_inputs, stage_shifts
+from .distributed import head_shards
+from .placement import execution_device, materialised, moved, stage_tensors, to_device
 from .pruning import Pruner
 from .schedule import default_pruning_layers
 from .state import (DecodeStep, Phase, PrefillRequest, PrunedCache, begin_call, current_call, end_call,
@@ -302,10 +304,11 @@ class SparseEngine:
             args, kwargs = self._prune_input(state, index - 1, args, kwargs)
         stage = prefill.stages[stage_index]
         if stage.first_layer > 0:
-            kwargs["attention_mask"] = stage.mask
-            kwargs["position_embeddings"] = (stage.cos, stage.sin)
+            mask, cos, sin, position_ids = stage_tensors(stage, execution_device(module, _hidden(args, kwargs)))
+            kwargs["attention_mask"] = mask
+            kwargs["position_embeddings"] = (cos, sin)
             if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = stage.position_ids
+                kwargs["position_ids"] = position_ids
         if index in self.pruner_layers:
             self._keep_attention_input(state, args, kwargs)
         return args, kwargs
@@ -315,10 +318,11 @@ class SparseEngine:
         stage_index = step.pruned.layer_stage[index]
         if stage_index == 0:
             return None
-        changes = stage_inputs(step, stage_index, _hidden(args, kwargs), kwargs, self.impl, self.decoder)
+        hidden = _hidden(args, kwargs)
+        changes = stage_inputs(step, stage_index, hidden, kwargs, self.impl, self.decoder)
         if not changes:
             return None
-        kwargs.update(changes)
+        kwargs.update(moved(changes, execution_device(self.layers[index], hidden)))
         return args, kwargs
 
     def _start_prefill(self, state, args, kwargs) -> None:
@@ -338,8 +342,10 @@ class SparseEngine:
                 ops = observer.wrap_ops(ops)
             return ops
         self._notify("before_raters")
+        shards = head_shards(self.model, self.layers[self.pruning_layers[0]].self_attn, self.dims.heads,
+                             self.dims.head_dim)
         state.prefill = self.pruner.start(hidden, valid, request.visual.to(hidden.device), rope,
-                                          request.mrope_ids, wrap)
+                                          request.mrope_ids, wrap, shards)
         self._notify("after_raters")
         state.cache = kwargs.get("past_key_values")
 
@@ -361,12 +367,14 @@ class SparseEngine:
         scoring, prefill.scoring = prefill.scoring, None
         scoring.keys = _layer_keys(state.cache, index, hidden.shape[1])
         layer = self.layers[index]
-        if self.observers:
-            queries = functools.partial(self.pruner.queries, scoring, layer, self.rotary)
-            self._notify("before_prune", index, prefill.ops, queries)
-        result = self.pruner.prune(prefill, self.layer_stage[index], index, hidden, scoring, layer, self.rotary,
-                                   self.impl)
+        with materialised(layer):  # weights an offload hook keeps on meta between forwards
+            if self.observers:
+                queries = functools.partial(self.pruner.queries, scoring, layer, self.rotary)
+                self._notify("before_prune", index, prefill.ops, queries)
+            result = self.pruner.prune(prefill, self.layer_stage[index], index, hidden, scoring, layer,
+                                       self.rotary, self.impl)
         self._notify("after_prune", index)
+        result.hidden = to_device(result.hidden, execution_device(self.layers[index + 1], hidden))
         prefill.steps.append(result.record)
         prefill.counts = result.counts
         prefill.stages.append(result.stage)

@@ -103,7 +103,8 @@ class Stage:
     """A run of layers sharing one layout, from first_layer on: whether some row of it is padded
     (decided on the host), its prefill mask (4-D for eager and a padded sdpa layout, the 2-D
     validity for a padded flash one; None where causality alone is the mask), RoPE rows and
-    position ids (None for the prompt's own layout, stage 0)."""
+    position ids (None for the prompt's own layout, stage 0); copies: those four on the other
+    devices its layers run on (placement.stage_tensors)."""
 
     first_layer: int
     layout: Layout
@@ -112,6 +113,7 @@ class Stage:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+    copies: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -126,7 +128,8 @@ class Prefill:
     [S, 4, B] their one upload; plane_of_dim: [D] the mRoPE plane of each head dim when the
     layers get RoPE planes; rank_slot: [B, L0] the prompt slot of each row's p-th real token
     (-1 past its count), where positions are renumbered; scoring: the attention inputs of the
-    pruning layer now running.
+    pruning layer now running; shards: this rank's share of the heads under tensor parallelism
+    (distributed.HeadShards), None in one process.
     """
 
     ops: object
@@ -143,6 +146,7 @@ class Prefill:
     plane_of_dim: torch.Tensor | None = None
     rank_slot: torch.Tensor | None = None
     scoring: ScoringInputs | None = None
+    shards: object = None
 
 
 def initial_layout(ops, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> tuple[Layout, HostCounts]:

@@ -39,7 +39,7 @@ def decode_mask(valid: torch.Tensor, generated: torch.Tensor, query_length: int,
     generated: [B, T] validity of the tokens appended since the prefill, the query_length new
     ones included (the tail of the 2-D attention mask generate keeps).
     """
-    keys = torch.cat([valid, generated.to(torch.bool)], dim=1)
+    keys = torch.cat([valid, generated.to(device=valid.device, dtype=torch.bool)], dim=1)
     if impl not in FOUR_D:
         return keys
     if query_length == 1:  # the one query is the last slot: causality allows every key

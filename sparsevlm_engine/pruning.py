@@ -10,7 +10,9 @@ distances and the clustering + merge (recycling only), and the compaction that w
 layers' hidden states, bookkeeping, RoPE rows and attention mask. Every count they need is
 decided on the host at the prefill's start and uploaded once; rank mode reads the rater rows P
 back once per layer. Models whose layers the fused rater queries do not cover (another norm, a
-q_norm) and prefills without a cache (no keys to read) take a few more torch ops.
+q_norm) and prefills without a cache (no keys to read) take a few more torch ops. Under tensor
+parallelism each pruning layer also all-gathers the per-head relevance of every rank (and rank
+mode all-reduces its rater rows): distributed.py. Layers on other devices: placement.py.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ import torch
 from .accounting import DecoderDims
 from .backends import ops_for
 from .config import SparseVLMConfig
+from .distributed import local_tensor
 from .families import rope_rows
+from .placement import to_device
 from .kernels import reference as ref
 from .layout import (HostCounts, Layout, Plan, Prefill, Rope, ScoringInputs, Stage, gather_rows, initial_layout,
                      upload)
@@ -87,11 +91,12 @@ class Pruner:
         self.renumbers_ids = self.after_visual and sections is None  # mRoPE keeps its 3-D ids
 
     def start(self, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor, rope: Rope,
-              mrope_ids: torch.Tensor | None = None, wrap_ops=None) -> Prefill:
+              mrope_ids: torch.Tensor | None = None, wrap_ops=None, shards=None) -> Prefill:
         """A prefill's start: the backend for its device, the raters, the gravity table and, in
         schedule mode, every pruning layer's counts (uploaded once). hidden: [B, L, d] the layer-0
         input; valid, visual: [B, L] bool; mrope_ids: [3, B, L] the prompt's 3-D position ids
-        (mRoPE models); wrap_ops: ops -> ops, or None."""
+        (mRoPE models); wrap_ops: ops -> ops, or None; shards: this rank's heads under tensor
+        parallelism (distributed.HeadShards), or None."""
         ops = ops_for(self.config.backend, hidden.device)
         if wrap_ops is not None:
             ops = wrap_ops(ops)
@@ -110,7 +115,7 @@ class Pruner:
         padded = bool((counts.valid < valid.shape[1]).any())
         prefill = Prefill(ops=ops, gravity_table=table, mrope_ids=mrope_ids, valid=layout.valid,
                           visual=layout.visual, rope=rope, counts=counts,
-                          stages=[Stage(first_layer=0, layout=layout, padded=padded)], steps=[])
+                          stages=[Stage(first_layer=0, layout=layout, padded=padded)], steps=[], shards=shards)
         if self.config.mode == "schedule":
             for stage in range(len(self.counts)):
                 prefill.plans.append(self.plan(stage, counts))
@@ -166,16 +171,20 @@ class Pruner:
 
     def _attention_input(self, scoring: ScoringInputs, layer, sections) -> tuple:
         """(x [B, L, d], cos, sin [B, L, D]) of every token, computed once per layer when needed."""
-        if scoring.x is None:
-            scoring.x = layer.input_layernorm(scoring.hidden)
-        batch = scoring.x.shape[0]
-        cos, sin = (rope_rows(t, sections).expand(batch, -1, -1) for t in (scoring.cos, scoring.sin))
+        if scoring.x is None:  # where the layer's weights are (placement.py)
+            norm = layer.input_layernorm
+            weight = getattr(norm, "weight", None)
+            device = weight.device if isinstance(weight, torch.Tensor) else scoring.hidden.device
+            scoring.x = norm(to_device(scoring.hidden, device))
+        batch, device = scoring.x.shape[0], scoring.x.device
+        cos, sin = (to_device(rope_rows(t, sections), device).expand(batch, -1, -1) for t in (scoring.cos, scoring.sin))
         return scoring.x, cos, sin
 
     def queries(self, scoring: ScoringInputs, layer, rotary, slots: torch.Tensor | None = None) -> torch.Tensor:
         """Post-RoPE queries [B, H, R, D] of the tokens in slots [B, R] (every token when None)."""
         x, cos, sin = self._attention_input(scoring, layer, self.sections)
         if slots is not None:
+            slots = to_device(slots, x.device)
             x, cos, sin = gather_rows(x, slots), gather_rows(cos, slots), gather_rows(sin, slots)
         attn = layer.self_attn
         return self.projected(x, cos, sin, attn.q_proj, getattr(attn, "q_norm", None), rotary)
@@ -188,20 +197,25 @@ class Pruner:
         return self.projected(x, cos, sin, attn.k_proj, getattr(attn, "k_norm", None), rotary)
 
     def rater_queries(self, prefill: Prefill, layout: Layout, scoring: ScoringInputs, layer, rotary):
-        """(q [B, H, R, D], rater_slot [B, R], rater_valid [B, R]): one fused launch where the layer
-        is a standard RMSNorm + q_proj (nn.Linear) one in a single dtype, else through the layer's
-        own modules (another norm, a q_norm, a quantised projection, mixed dtypes)."""
+        """(q [B, H, R, D], rater_slot [B, R], rater_valid [B, R]) on the layout's device: one fused
+        launch where the layer is a standard RMSNorm + q_proj (nn.Linear) one in a single dtype on
+        that device, else through the layer's own modules (another norm, a q_norm, a quantised
+        projection, mixed dtypes, the layer on another device)."""
         attn, raters, norm = layer.self_attn, prefill.counts.raters, layer.input_layernorm
         eps = rms_norm_eps(norm)
         weight, bias = getattr(attn.q_proj, "weight", None), getattr(attn.q_proj, "bias", None)
+        if prefill.shards is not None:  # this rank's heads: the rows of its q_proj shard
+            weight, bias = local_tensor(weight), local_tensor(bias)
         same_dtype = all(t is None or t.dtype == scoring.hidden.dtype for t in (weight, bias, scoring.cos))
+        device = layout.valid.device
         if (eps is not None and getattr(attn, "q_norm", None) is None and isinstance(attn.q_proj, torch.nn.Linear)
-                and same_dtype and norm.weight.dtype == scoring.hidden.dtype):
-            return prefill.ops.rater_queries(scoring.hidden, layout.rater, layout.valid, raters, norm.weight, eps,
-                                             weight, bias, scoring.cos, scoring.sin, prefill.plane_of_dim)
+                and same_dtype and norm.weight.dtype == scoring.hidden.dtype and weight.device == device):
+            hidden, cos, sin = (to_device(t, device) for t in (scoring.hidden, scoring.cos, scoring.sin))
+            return prefill.ops.rater_queries(hidden, layout.rater, layout.valid, raters, norm.weight, eps,
+                                             weight, bias, cos, sin, prefill.plane_of_dim)
         r_slot = ref.packed_slots(layout.rater & layout.valid, raters)
         r_ok = r_slot >= 0
-        return self.queries(scoring, layer, rotary, r_slot.clamp(min=0)), r_slot, r_ok
+        return to_device(self.queries(scoring, layer, rotary, r_slot.clamp(min=0)), device), r_slot, r_ok
 
     def _rank(self, rows: torch.Tensor, rater_valid: torch.Tensor, counts: HostCounts) -> torch.Tensor:
         """rank(P) per row [B] on the host, by fp32 SVD as matrix_rank: the pass's one read-back
@@ -217,17 +231,26 @@ class Pruner:
         implementation impl); returns the compacted stage."""
         ops, layout, counts, rope = prefill.ops, prefill.stages[stage].layout, prefill.counts, prefill.rope
         q, r_slot, r_ok = self.rater_queries(prefill, layout, scoring, layer, rotary)
-        keys = self._keys(scoring, layer, rotary)
+        device = layout.valid.device  # the prefill's: the layer's keys and output come to it (placement.py)
+        keys, hidden = to_device(self._keys(scoring, layer, rotary), device), to_device(hidden, device)
         gravity = self._gravity(prefill, layout) if prefill.gravity_table is not None else None
         args = (q, keys, r_slot, r_ok, layout.valid, layout.visual, self.scaling)
+        shards = prefill.shards
         if self.config.mode == "schedule":
             plan, counts_dev = prefill.plans[stage], prefill.device_plans[stage]
             head_rel = ops.head_relevance(*args, gravity=gravity)
+            if shards is not None:
+                head_rel = shards.gather_heads(head_rel)
         else:
             lse = ops.rater_lse(*args[:5], self.scaling)
             head_rel = ops.head_relevance(*args, lse=lse, gravity=gravity)
-            weights = ref.head_weights(head_rel, self.n_priority)
-            rank = self._rank(ops.rater_rows(*args, weights, lse=lse, gravity=gravity), r_ok, counts)
+            if shards is None:
+                rows = ops.rater_rows(*args, ref.head_weights(head_rel, self.n_priority), lse=lse, gravity=gravity)
+            else:  # this rank's heads weighted by the weights of all heads, summed over the ranks
+                head_rel = shards.gather_heads(head_rel)
+                weights = shards.local_weights(ref.head_weights(head_rel, self.n_priority))
+                rows = shards.sum_rows(ops.rater_rows(*args, weights, lse=lse, gravity=gravity))
+            rank = self._rank(rows, r_ok, counts)
             plan = self.plan(stage, counts, rank)
             counts_dev = upload(plan.host(), hidden.device)
         keep, n_cand, n_clusters, valid_after = counts_dev.unbind(0)
