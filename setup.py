@@ -18,7 +18,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["sparsevlm_engine", "sparsevlm_engine.kernels", "sparsevlm_engine.lab"],
+    packages=["sparsevlm_engine", "sparsevlm_engine.kernels", "sparsevlm_engine.lab", "sparsevlm_engine.models",
+              "sparsevlm_engine.tasks"],
     package_data={"sparsevlm_engine": ["assets/*.png"], "sparsevlm_engine.lab": ["weights/*.pt"]},
     include_package_data=False,
     install_requires=[
@@ -40,8 +41,15 @@ setup(
         "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "numpy>=1.26,<2.4"],
         "bench": ["matplotlib==3.11.2", "pytest-benchmark==5.3.1"],
         "flash": ["flash-attn==2.8.3.post2"],
+        # The lmms-eval plugin (sparsevlm_engine.models). lmms-eval 0.7.3 imports filelock._api (gone
+        # in filelock 4) and decord (in its llava_hf and qwen2_vl) without declaring either.
+        "eval": ["lmms-eval==0.7.3", "filelock>=3.16,<4", "decord==0.6.0"],
     },
-    entry_points={"console_scripts": ["sparsevlm=sparsevlm_engine.cli:main"]},
+    entry_points={
+        "console_scripts": ["sparsevlm=sparsevlm_engine.cli:main"],
+        # lmms-eval's own plugin registry (besides LMMS_EVAL_PLUGINS=sparsevlm_engine).
+        "lmms_eval.models": ["sparsevlm_engine=sparsevlm_engine.models:model_manifests"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
