@@ -4,20 +4,10 @@ import torch
 
 import sparsevlm_engine as sve
 from masked_reference import gather_final_logits, masked_dense
-from tiny import llava_next_prompts, llava_prompts, tiny_llava, tiny_llava_next
+from tiny import llava_case, llava_next_prompts, llava_prompts, tiny_llava, tiny_llava_next
 
 ATOL = 2e-5
 NEW_TOKENS = 6
-
-
-def _setup(family, impl):
-    if family == "llava":
-        model = tiny_llava(impl)
-        inputs = llava_prompts(before=(3, 6, 1), after=(5, 9, 7))
-    else:
-        model = tiny_llava_next(impl)
-        inputs, _ = llava_next_prompts(model, [[28, 56], [56, 56], [56, 28]], before=(3, 6, 1), after=(5, 9, 7))
-    return model, inputs
 
 
 def _sparse_run(model, inputs, config):
@@ -43,7 +33,7 @@ def _real_rows(logits, trace):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_pruned_equals_masked_dense(family, impl, preset):
-    model, inputs = _setup(family, impl)
+    model, inputs = llava_case(family, impl)
     config = getattr(sve.SparseVLMConfig, preset)(128, recycling=False, positions="original")
     logits, trace, generated = _sparse_run(model, inputs, config)
     assert all(s.pruning and s.pruning[-1].visual_after < s.n_visual for s in trace.samples)
@@ -56,7 +46,7 @@ def test_pruned_equals_masked_dense(family, impl, preset):
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_masking_is_what_changes_the_output(family):
     """Guards the test above: the pruned logits differ from the plain dense ones."""
-    model, inputs = _setup(family, "eager")
+    model, inputs = llava_case(family, "eager")
     logits, trace, _ = _sparse_run(model, inputs, sve.SparseVLMConfig.v1_5(64, recycling=False))
     with torch.no_grad():
         plain = model(**inputs).logits
@@ -68,7 +58,7 @@ def test_masking_is_what_changes_the_output(family):
 @pytest.mark.parametrize("recycling", [False, True])
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_batch_rows_match_single_runs(family, recycling, positions):
-    model, inputs = _setup(family, "sdpa")
+    model, inputs = llava_case(family, "sdpa")
     config = sve.SparseVLMConfig.v1_5(128, recycling=recycling, positions=positions)
     logits, trace, generated = _sparse_run(model, inputs, config)
     for b in range(inputs["input_ids"].shape[0]):

@@ -9,22 +9,12 @@ import torch
 
 import sparsevlm_engine as sve
 from masked_reference import masking
-from tiny import llava_next_prompts, llava_prompts, qwen_prompts, tiny_llava, tiny_llava_next, tiny_qwen, with_token_types
+from tiny import llava_case, llava_prompts, qwen_prompts, tiny_llava, tiny_qwen, with_token_types
 
 ANSWER_TOKENS = 4   # turn one's answer; generate feeds all but the last one to the cache
 NEXT_TURN = [7, 8, 9, 10, 11]
 NEW_TOKENS = 4
 ATOL = 2e-5
-
-
-def _setup(family, impl):
-    if family == "llava":
-        model = tiny_llava(impl)
-        inputs = llava_prompts(before=(3, 6, 1), after=(5, 9, 7))
-    else:
-        model = tiny_llava_next(impl)
-        inputs, _ = llava_next_prompts(model, [[28, 56], [56, 56], [56, 28]], before=(3, 6, 1), after=(5, 9, 7))
-    return model, inputs
 
 
 def _first_turn(model, inputs):
@@ -64,7 +54,7 @@ def _later_turn(model, conversation, cache):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_a_later_turn_equals_the_masked_dense_conversation(family, impl, preset):
-    model, inputs = _setup(family, impl)
+    model, inputs = llava_case(family, impl)
     sve.sparsify(model, getattr(sve.SparseVLMConfig, preset)(128, recycling=False, positions="original"))
     sequences, cache, trace = _first_turn(model, inputs)
     assert all(s.pruning[-1].visual_after < s.n_visual for s in trace.samples)
@@ -159,7 +149,7 @@ def test_a_later_turn_takes_each_layers_own_cache_length_as_positions(impl):
 
 @pytest.mark.parametrize("positions", ["renumber", "original"])
 def test_batch_rows_of_a_later_turn_match_their_single_chats(positions):
-    model, inputs = _setup("llava", "sdpa")
+    model, inputs = llava_case("llava", "sdpa")
     sve.sparsify(model, sve.SparseVLMConfig.v1_5(128, positions=positions))
     sequences, cache, _ = _first_turn(model, inputs)
     conversation = _conversation(inputs, sequences)
@@ -193,7 +183,7 @@ def test_a_chunked_prefill_of_a_pruned_prompt_raises():
 
 def test_a_fresh_prefill_of_the_conversation_prunes_for_the_new_question():
     """The explicit alternative to reusing the cache: the whole conversation as one prompt, no cache."""
-    model, inputs = _setup("llava", "sdpa")
+    model, inputs = llava_case("llava", "sdpa")
     sve.sparsify(model, sve.SparseVLMConfig.v1_5(128))
     sequences, _, first = _first_turn(model, inputs)
     conversation = _conversation(inputs, sequences)

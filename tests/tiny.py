@@ -97,6 +97,16 @@ def llava_next_prompts(model, image_sizes, before=(3,), after=(5,), seed=1, imag
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}, counts
 
 
+def llava_case(family: str, impl: str):
+    """(model, inputs): a tiny LLaVA ("llava") or LLaVA-NeXT ("llava_next") and a left-padded batch
+    of three prompts, each with its own text lengths (and image size, on LLaVA-NeXT)."""
+    if family == "llava":
+        return tiny_llava(impl), llava_prompts(before=(3, 6, 1), after=(5, 9, 7))
+    model = tiny_llava_next(impl)
+    inputs, _ = llava_next_prompts(model, [[28, 56], [56, 56], [56, 28]], before=(3, 6, 1), after=(5, 9, 7))
+    return model, inputs
+
+
 # ---------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
 QWEN_VOCAB = 160
 QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_START, QWEN_VISION_END = 150, 151, 152, 153
