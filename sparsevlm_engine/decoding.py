@@ -7,6 +7,7 @@ import torch
 
 from .layout import Prefill
 from .masks import decode_mask
+from .placement import to_device
 from .state import DecodeStep
 
 
@@ -39,7 +40,8 @@ def stage_inputs(step: DecodeStep, stage_index: int, hidden: torch.Tensor, kwarg
     if pruned.stage_shift is not None:
         if step.rope is None:
             position_ids = kwargs["position_ids"] - pruned.stage_shift  # [S - 1, B, Q]
-            cos, sin = decoder.rotary_emb(hidden, position_ids.flatten(0, 1))
+            # hidden may sit on another device than the ids (layers spread over devices, placement.py)
+            cos, sin = decoder.rotary_emb(hidden, to_device(position_ids.flatten(0, 1), hidden.device))
             shape = position_ids.shape[:2]
             step.rope = [tuple(_own_storage(t) for t in rows)
                          for rows in zip(position_ids, cos.unflatten(0, shape), sin.unflatten(0, shape))]
