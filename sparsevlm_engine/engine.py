@@ -265,7 +265,8 @@ class SparseEngine:
                     length=first.valid.shape[1], layer_stage=self.layer_stage,
                     stage_valid=tuple(None if s.first_layer == 0 else s.layout.valid for s in prefill.stages),
                     stage_padded=tuple(s.padded for s in prefill.stages),
-                    stage_shift=stage_shifts(prefill) if self.pruner.renumbers_ids else None))
+                    stage_shift=stage_shifts(prefill) if self.pruner.renumbers_ids else None,
+                    device=first.valid.device))
         else:
             visual = state.request.visual
             mask = state.request.mask
@@ -322,7 +323,10 @@ class SparseEngine:
         changes = stage_inputs(step, stage_index, hidden, kwargs, self.impl, self.decoder)
         if not changes:
             return None
-        kwargs.update(moved(changes, execution_device(self.layers[index], hidden)))
+        layer = self.layers[index]
+        if getattr(layer, "_hf_hook", None) is not None or hidden.device != step.pruned.device:
+            changes = moved(changes, execution_device(layer, hidden))
+        kwargs.update(changes)
         return args, kwargs
 
     def _start_prefill(self, state, args, kwargs) -> None:

@@ -36,7 +36,8 @@ class PrunedCache:
     stage, the validity [B, Ls] of the layout its layers cached (None for stage 0, the prompt
     as given); stage_padded: per stage, whether some row of that layout is padded; layer_stage:
     the stage of every decoder layer; stage_shift: [S - 1, B, 1] what a generated token's position
-    id drops by at the layers of each stage after the first (renumbered positions), or None.
+    id drops by at the layers of each stage after the first (renumbered positions), or None;
+    device: where these tensors live (the prefill's device; a layer elsewhere gets copies).
     """
 
     length: int
@@ -44,6 +45,7 @@ class PrunedCache:
     stage_padded: tuple[bool, ...]
     layer_stage: tuple[int, ...]
     stage_shift: torch.Tensor | None
+    device: torch.device | None = None
 
 
 def pruned_record(cache) -> PrunedCache | None:
