@@ -244,6 +244,11 @@ def test_random_baseline_is_seeded_and_keeps_only_visual_tokens(lab):
 
 # ---------------------------------------------------------------- committed evaluation
 
+# bf16 keeps 8 significant bits, so answer logits of 10-20 are resolved to about 0.06-0.125: a smaller top-2
+# margin is a tie that another CPU's bf16 kernels may break the other way (seen: 0.022 between two x86 CPUs)
+BF16_TIE = 0.125
+
+
 def test_a_test_subset_reproduces_the_committed_answers(lab):
     committed = json.loads(RESULTS.read_text())
     assert committed["split"] == "test" and committed["examples"] == len(committed["records"]) >= 1000
@@ -255,7 +260,7 @@ def test_a_test_subset_reproduces_the_committed_answers(lab):
         for key, prediction in new["predictions"].items():
             before = old["predictions"][key]
             assert prediction["equivalent_tokens"] == pytest.approx(before["equivalent_tokens"], abs=0.01)
-            if before["margin"] > 1e-3:  # a near-tie may flip between CPUs
+            if before["margin"] > BF16_TIE:
                 assert prediction["token"] == before["token"], (new["index"], key)
 
 

@@ -7,7 +7,7 @@ import torch
 from sparsevlm_engine.lab import lora
 from sparsevlm_engine.lab.model import build_lab_vlm, encode, load_lab_vlm, save_lab_vlm
 from sparsevlm_engine.lab.scenes import example, make_scene
-from sparsevlm_engine.lab.train import image_loss, kind_counts, resume, scene_questions
+from sparsevlm_engine.lab.train import image_loss, kind_counts, position_scale, resume, scene_questions
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,13 @@ def test_one_step_reaches_the_projector_and_adapters(training):
     assert all(a.up.grad is not None and a.up.grad.abs().sum() > 0 for a in adapters.values())
     assert all(not p.requires_grad for p in model.model.vision.parameters())
     model.zero_grad(set_to_none=True)
+
+
+def test_the_position_scale_is_a_share_of_the_object_tokens_norm(training):
+    model, _ = training
+    quarter, half = position_scale(model, 0.25, "cpu", scenes=1), position_scale(model, 0.5, "cpu", scenes=1)
+    assert quarter > 0
+    assert abs(half - 2 * quarter) < 1e-6 * half
 
 
 def test_saved_weights_load_as_the_trained_model(training, tmp_path):

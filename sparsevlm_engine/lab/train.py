@@ -10,8 +10,11 @@ seen>"), apart from the validation and test splits. Each image is encoded once a
 576 visual tokens) runs once, its cache is repeated per question, and the questions run as one
 batch, so a step costs little more than one prefill and its backward. It runs in bf16 autocast
 (--precision fp32 to turn it off); the default budget is 15 minutes on a CUDA GPU, 60 on a CPU.
-Stops after --steps images or --minutes, saving the weights (and a checkpoint every
---save-every images); the learning rate decays linearly to a tenth over the budget.
+With --position-weight, the row and column embeddings are first placed along the word axes
+above-below and left-right (a coordinate of +-(--position-share) x an object token's norm at the
+edges) and a loss keeps them there. Stops after --steps images or --minutes, saving the weights
+(and a checkpoint every --save-every images); the learning rate decays linearly to a tenth over
+the budget.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from .evaluate import dense_accuracy
 from .language import answer_token, prompt_pieces
 from .model import WEIGHTS, LabVLM, build_lab_vlm, save_lab_vlm
 from .efficientnet import preprocess
-from .alignment import alignment_loss, patch_labels, word_targets
+from .alignment import alignment_loss, patch_labels, place_positions, position_alignment_loss, word_targets
 from .scenes import KINDS, make_scene, questions_for_scene, render
 
 
@@ -77,6 +80,17 @@ def align(model: LabVLM, rng: random.Random, steps: int, batch: int, lr: float, 
         if (step + 1) % 50 == 0:
             print(f"align step {step + 1}, loss {loss.item():.3f}", flush=True)
     return float(loss.detach())
+
+
+def position_scale(model: LabVLM, share: float, device, scenes: int = 8) -> float:
+    """share x the mean norm of the projector's content tokens on object patches, over a fixed set of scenes."""
+    rng = random.Random("position-scale")
+    drawn = [make_scene(rng) for _ in range(scenes)]
+    with torch.no_grad():
+        content = model.model.projector.content(patch_features(model, drawn, device))
+    norms = [tokens[patch_labels(scene, model.config.grid).to(tokens.device) >= 0].norm(dim=-1)
+             for scene, tokens in zip(drawn, content)]
+    return share * float(torch.cat(norms).mean())
 
 
 def image_loss(model: LabVLM, scene, questions, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +162,13 @@ def train(args) -> dict:
     model.to(device)
     if args.align_steps:
         align(model, rng, args.align_steps, args.align_batch, args.lr, device)
-    projector_params = list(model.model.projector.parameters())
+    projector = model.model.projector
+    embeddings = model.model.language_model.embed_tokens.weight
+    coordinate_scale = position_scale(model, args.position_share, device) if args.position_weight else 0.0
+    if args.position_weight:
+        place_positions(projector.rows, projector.cols, embeddings, coordinate_scale)
+        print(f"row and column embeddings placed along their word axes, scale {coordinate_scale:.2f}", flush=True)
+    projector_params = list(projector.parameters())
     adapter_params = [p for a in adapters.values() for p in a.parameters()]
     optimizer = torch.optim.AdamW([{"params": projector_params, "lr": args.lr},
                                    {"params": adapter_params, "lr": args.lora_lr}], weight_decay=0.0)
@@ -166,6 +186,9 @@ def train(args) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             answer_loss, align_loss = image_loss(model, scene, questions, device)
             loss = answer_loss + args.align_weight * align_loss
+            if args.position_weight:
+                loss = loss + args.position_weight * position_alignment_loss(
+                    projector.rows, projector.cols, embeddings, coordinate_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(projector_params + adapter_params, 1.0)
@@ -190,7 +213,9 @@ def train(args) -> dict:
             "questions_per_kind": args.questions_per_kind, "extra_questions": args.extra_questions,
             "seconds": round(time.time() - start),
             "device": str(device), "precision": args.precision, "seed": args.seed, "align_steps": args.align_steps,
-            "align_batch": args.align_batch, "align_weight": args.align_weight, "lr": args.lr, "lora_lr": args.lora_lr,
+            "align_batch": args.align_batch, "align_weight": args.align_weight,
+            "position_weight": args.position_weight, "position_scale": coordinate_scale,
+            "lr": args.lr, "lora_lr": args.lora_lr,
             "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "history": history}
     save_lab_vlm(model, adapters, out, meta)
     print(json.dumps({k: v for k, v in meta.items() if k != "history"}))
@@ -211,6 +236,11 @@ def main(argv=None) -> int:
                         help="projector-only steps on the patch alignment loss before question answering")
     parser.add_argument("--align-batch", type=int, default=16)
     parser.add_argument("--align-weight", type=float, default=0.5, help="alignment loss weight while answering")
+    parser.add_argument("--position-weight", type=float, default=0.0,
+                        help="weight of the loss keeping the row / column embeddings along the words "
+                             "above-below / left-right (they are placed there first); 0: off")
+    parser.add_argument("--position-share", type=float, default=0.15,
+                        help="position coordinates reach +-share x the mean norm of object patches' content tokens")
     parser.add_argument("--questions-per-kind", type=int, default=1, help="questions per kind and image")
     parser.add_argument("--extra-questions", type=kind_counts, default={},
                         help='more questions per image of some kinds, e.g. "relation=2,count=1"')
