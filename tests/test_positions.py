@@ -7,6 +7,7 @@ import torch
 
 import sparsevlm_engine as sve
 from tiny import llava_prompts, tiny_llava
+from transcription import PEAKED_QK
 
 NEW_TOKENS = 3
 
@@ -84,7 +85,7 @@ def test_renumbered_ids_are_the_sequence_order_and_original_ids_the_prompts():
 def test_the_position_mode_changes_what_later_layers_keep():
     """Guards the transcription tests: renumbering changes the scores of the layers after the
     first pruning, so the kept sets differ from the original-position run."""
-    model = tiny_llava("eager", seed=3)
+    model = tiny_llava("eager", seed=3, qk_scale=PEAKED_QK)
     inputs = llava_prompts(before=(4,), after=(9,), seed=5)
     kept = {}
     for positions in ("renumber", "original"):

@@ -8,7 +8,7 @@ import sparsevlm_engine as sve
 from masked_reference import gather_final_logits, masked_dense
 from sparsevlm_engine.families import rope_rows
 from tiny import qwen_prompts, qwen_single, tiny_qwen, with_token_types
-from transcription import transcribe
+from transcription import PEAKED_QK, transcribe
 
 ATOL = 2e-5
 NEW_TOKENS = 6
@@ -22,8 +22,8 @@ MEDIA = {
 }
 
 
-def _case(family, media, impl="sdpa", seed=0):
-    model = tiny_qwen(family, impl, seed=seed)
+def _case(family, media, impl="sdpa", seed=0, qk_scale=1.0):
+    model = tiny_qwen(family, impl, seed=seed, qk_scale=qk_scale)
     inputs, kinds = qwen_prompts(MEDIA[media], before=(3, 6), after=(5, 9), seed=seed + 1)
     return model, with_token_types(inputs, kinds)
 
@@ -110,7 +110,7 @@ SEMANTICS = {
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kept_positions_match_transcription(family, name, media):
     config = SEMANTICS[name]
-    model, batch = _case(family, media, "eager", seed=3)
+    model, batch = _case(family, media, "eager", seed=3, qk_scale=PEAKED_QK)
     inputs = qwen_single(batch, 0)
     _, trace, _ = _sparse_run(model, inputs, config, 0)
     expected = transcribe(model, inputs, config, trace.pruning_layers)

@@ -4,7 +4,7 @@ import torch
 
 import sparsevlm_engine as sve
 from tiny import llava_prompts, tiny_llava
-from transcription import transcribe
+from transcription import PEAKED_QK, transcribe
 
 CONFIGS = {
     "schedule-v1.5": sve.SparseVLMConfig.v1_5(128, recycling=False),
@@ -50,7 +50,7 @@ def _compare(trace, expected):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_kept_positions_match_transcription(name):
     config = CONFIGS[name]
-    model = tiny_llava("eager", seed=3)
+    model = tiny_llava("eager", seed=3, qk_scale=PEAKED_QK)
     inputs = llava_prompts(before=(4,), after=(9,), seed=5)
     trace = _engine_records(model, inputs, config)
     assert any(r.recycled for r in trace.samples[0].pruning) == config.recycling
@@ -58,7 +58,7 @@ def test_kept_positions_match_transcription(name):
 
 
 def test_two_images_match_transcription():
-    model = tiny_llava("eager", seed=4)
+    model = tiny_llava("eager", seed=4, qk_scale=PEAKED_QK)
     inputs = llava_prompts(before=(2,), after=(6,), seed=6, images_per_prompt=2)
     config = sve.SparseVLMConfig.v1_5(128)
     trace = _engine_records(model, inputs, config)
@@ -67,7 +67,7 @@ def test_two_images_match_transcription():
 
 
 def test_image_at_end_uses_last_token_as_rater():
-    model = tiny_llava("eager", seed=5)
+    model = tiny_llava("eager", seed=5, qk_scale=PEAKED_QK)
     inputs = llava_prompts(before=(4,), after=(0,), seed=7)
     config = sve.SparseVLMConfig.v1_5(128)
     trace = _engine_records(model, inputs, config)

@@ -16,24 +16,31 @@ def _text_config(layers: int) -> LlamaConfig:
                        pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
 
 
-def _finish(model_cls, cfg, impl: str, dtype):
+def _finish(model_cls, cfg, impl: str, dtype, qk_scale: float = 1.0):
+    """qk_scale multiplies the decoder's query and key weights: at random init (std 0.02) attention is
+    near uniform and visual scores tie within float rounding; scale 6 separates them."""
     cfg._attn_implementation = impl
     cfg.text_config._attn_implementation = impl
     cfg.vision_config._attn_implementation = impl
     model = model_cls(cfg).eval().to(dtype)
+    if qk_scale != 1.0:
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                layer.self_attn.q_proj.weight.mul_(qk_scale)
+                layer.self_attn.k_proj.weight.mul_(qk_scale)
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = None
     return model
 
 
-def tiny_llava(impl: str = "eager", seed: int = 0, layers: int = 8, dtype=torch.float32):
+def tiny_llava(impl: str = "eager", seed: int = 0, layers: int = 8, dtype=torch.float32, qk_scale: float = 1.0):
     """LLaVA-1.5 geometry in miniature: 112 px / patch 14 -> 64 visual tokens, 8 decoder layers."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(image_size=112, patch_size=14, hidden_size=16, intermediate_size=32,
                               num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
     cfg = LlavaConfig(vision_config=vision, text_config=_text_config(layers), image_token_id=IMAGE_TOKEN,
                       pad_token_id=PAD)
-    return _finish(LlavaForConditionalGeneration, cfg, impl, dtype)
+    return _finish(LlavaForConditionalGeneration, cfg, impl, dtype, qk_scale)
 
 
 def tiny_llava_next(impl: str = "eager", seed: int = 0, layers: int = 8, dtype=torch.float32):
@@ -114,7 +121,8 @@ QWEN_PATCH, QWEN_TEMPORAL, QWEN_MERGE = 2, 2, 2
 QWEN_PATCH_DIM = 3 * QWEN_TEMPORAL * QWEN_PATCH * QWEN_PATCH
 
 
-def tiny_qwen(family: str = "qwen2_vl", impl: str = "eager", seed: int = 0, layers: int = 8, dtype=torch.float32):
+def tiny_qwen(family: str = "qwen2_vl", impl: str = "eager", seed: int = 0, layers: int = 8, dtype=torch.float32,
+              qk_scale: float = 1.0):
     """Qwen2-VL / Qwen2.5-VL in miniature: patch 2, temporal patch 2, 2x2 merge, mRoPE sections
     (2, 1, 1) over the 4 frequency pairs of 8-wide heads, 8 decoder layers."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
@@ -136,7 +144,7 @@ def tiny_qwen(family: str = "qwen2_vl", impl: str = "eager", seed: int = 0, laye
         vision = dict(hidden_size=16, intermediate_size=32, out_hidden_size=32, window_size=8,
                       fullatt_block_indexes=[0], tokens_per_second=2, **common)
         cfg, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), Qwen2_5_VLForConditionalGeneration
-    return _finish(cls, cfg, impl, dtype)
+    return _finish(cls, cfg, impl, dtype, qk_scale)
 
 
 def _qwen_ids(generator, n):

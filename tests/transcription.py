@@ -10,6 +10,12 @@ import torch
 
 from sparsevlm_engine.schedule import schedule_counts
 
+# Relative score gap required at every selection cut (kept | pruned, recycling candidates | rest):
+# below it the answer depends on float summation order, which differs between CPUs and kernels.
+MIN_MARGIN = 1e-4
+# The decoder's query / key scale that gives the tiny models such gaps (tiny.py: qk_scale).
+PEAKED_QK = 6.0
+
 
 def _rotate(attn, q, k, cos, sin):
     """The attention's own RoPE: transformers 4.57 Qwen2-VL mixes the 3 mRoPE planes in the attention."""
@@ -180,6 +186,11 @@ def transcribe(model, inputs, config, pruning_layers):
             forced = [j for j, i in enumerate(vis) if tokens[i]["pos"] in raters]
             order = sorted(range(present), key=lambda j: (j not in forced, -rel[j], j))
             kept = sorted(order[:keep])
+            cuts = [keep] + ([keep + math.floor(config.recycle_ratio * (present - keep)) + 1]
+                             if config.recycling else [])
+            margin = min(((rel[order[c - 1]] - rel[order[c]]) / abs(rel[order[c - 1]])
+                         for c in cuts if c < present and order[c - 1] not in forced), default=math.inf)
+            assert margin > MIN_MARGIN, f"layer {index}: scores tie at a selection cut ({margin:.1e}); sharpen the fixture"
             pruned_order = [j for j in order[keep:]]
             kept_slots = {vis[j] for j in kept}
             new_tokens = [(t, out[i]) for i, t in enumerate(tokens) if not t["visual"] or i in kept_slots]
