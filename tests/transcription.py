@@ -187,17 +187,16 @@ def transcribe(model, inputs, config, pruning_layers):
             forced = [j for j, i in enumerate(vis) if tokens[i]["pos"] in raters]
             order = sorted(range(present), key=lambda j: (j not in forced, -rel[j], j))
             kept = sorted(order[:keep])
-            cuts = [keep] + ([keep + math.floor(config.recycle_ratio * (present - keep)) + 1]
-                             if config.recycling else [])
+            pruned_order = [j for j in order[keep:]]
+            n_cand = math.floor(config.recycle_ratio * len(pruned_order)) + 1
+            cuts = [keep] + ([keep + n_cand] if config.recycling else [])
             margin = min(((rel[order[c - 1]] - rel[order[c]]) / abs(rel[order[c - 1]])
                          for c in cuts if c < present and order[c - 1] not in forced), default=math.inf)
             assert margin > MIN_MARGIN, f"layer {index}: scores tie at a selection cut ({margin:.1e}); sharpen the fixture"
-            pruned_order = [j for j in order[keep:]]
             kept_slots = {vis[j] for j in kept}
             new_tokens = [(t, out[i]) for i, t in enumerate(tokens) if not t["visual"] or i in kept_slots]
             recycled, merged_tokens = [], []
             if config.recycling and pruned_order:
-                n_cand = math.floor(config.recycle_ratio * len(pruned_order)) + 1
                 cand = sorted(pruned_order[:n_cand])
                 c = n_cand // config.cluster_divisor + 1
                 centres, assign, by_score = ranked_dpc_knn(out[[vis[j] for j in cand]].float(), c)
